@@ -1,0 +1,130 @@
+"""The method registry: name -> Method (summary, parameter schema with defaults, row preparation, solve).
+
+A method never touches the pipeline. `prepare` turns concept texts into token rows through an encoder
+callable (the token conventions are the method's own), `solve` maps original weights and rows to new
+weights. Both are plain functions; the app's dropdown, the CLI's choices and the tests read `METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ConceptRows:
+    """Token rows a closed-form method works on (float64, [n, d] each)."""
+    targets: list[torch.Tensor]  # per target concept: [k, d] (k = 1 last subject token, 76 all tokens)
+    anchors: list[torch.Tensor]  # paired with targets, same shapes
+    retain: torch.Tensor  # [m, d]
+    null: torch.Tensor  # [77, d]: every row of the empty prompt, BOS first
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    paper: str
+    params: type  # a frozen dataclass whose fields are the parameters (defaults = the paper's)
+    prepare: Callable  # (Concepts, params, Encoder) -> ConceptRows
+    solve: Callable  # (weights: {name: W float64}, ConceptRows, params) -> {name: W' float64}
+    edits: Callable[[Any], tuple[str, ...]]  # params -> module suffixes it rewrites, e.g. ("attn2.to_v",)
+
+    def schema(self) -> dict[str, dict]:
+        """name -> {default, type, help, choices?, min?, max?}: what the app's Advanced panel is built from."""
+        out = {}
+        for f in dataclasses.fields(self.params):
+            entry = {"default": f.default, "type": type(f.default).__name__, **f.metadata}
+            out[f.name] = entry
+        return out
+
+    def parse_params(self, given: dict[str, Any]) -> Any:
+        """Validate user parameters against the schema; a ValueError names the offending one."""
+        schema = self.schema()
+        unknown = sorted(set(given) - set(schema))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for method {self.name!r}; valid: {sorted(schema)}")
+        values = {}
+        for name, spec in schema.items():
+            value = given.get(name, spec["default"])
+            values[name] = _check_value(self.name, name, value, spec)
+        return self.params(**values)
+
+
+def _check_value(method: str, name: str, value: Any, spec: dict) -> Any:
+    kind = spec["type"]
+    where = f"{method} parameter {name!r}"
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        if kind == "int":
+            if number != int(number):
+                raise ValueError(f"{where} must be a whole number, got {value!r}")
+            number = int(number)
+        if "min" in spec and number < spec["min"]:
+            raise ValueError(f"{where} must be >= {spec['min']}, got {value!r}")
+        if "max" in spec and number > spec["max"]:
+            raise ValueError(f"{where} must be <= {spec['max']}, got {value!r}")
+        return number
+    value = str(value)
+    if "choices" in spec and value not in spec["choices"]:
+        raise ValueError(f"{where} must be one of {spec['choices']}, got {value!r}")
+    return value
+
+
+def param(default, help: str, **limits):
+    """A dataclass field carrying its schema: help text and min/max/choices."""
+    return dataclasses.field(default=default, metadata={"help": help, **limits})
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    key = str(name).strip().lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[key]
+
+
+def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) -> ConceptRows:
+    """Rows by the reference conventions: last subject token per concept (or rows 1..76 of each
+    target/anchor prompt when `all_tokens`), retain concepts' last subject tokens, and the empty prompt."""
+    from ..text import all_token_rows, subject_rows
+
+    if all_tokens:
+        targets = [all_token_rows(encode, t) for t in concepts.targets]
+        anchors = [all_token_rows(encode, a) for a in concepts.anchors]
+    else:
+        target_rows = subject_rows(encode, concepts.targets)
+        anchor_rows = subject_rows(encode, concepts.anchors)
+        targets = [row[None] for row in target_rows]
+        anchors = [row[None] for row in anchor_rows]
+    null = encode([""], True)[0].rows.double()
+    retain_texts = concepts.retain if retain_texts is None else retain_texts
+    retain = subject_rows(encode, retain_texts) if retain_texts else null.new_zeros(0, null.shape[1])
+    return ConceptRows(targets, anchors, retain, null)
+
+
+from . import speed, uce  # noqa: E402,F401  (registers the built-in methods)

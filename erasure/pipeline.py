@@ -1,0 +1,140 @@
+"""Loading the resident pipeline, and the per-pipeline state the engine keeps beside it.
+
+`load_pipeline` returns the diffusers pipeline object itself; everything diffusers offers still works
+on it. The engine's own bookkeeping (model id, the lock, pristine copies of edited tensors, the text
+embedding cache) lives in a `PipelineState` attached to the pipeline, so no global registry is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+EDITABLE_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what failed and how to fix it."""
+
+
+@dataclass
+class PipelineState:
+    model_id: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    # Pristine copies of the tensors an `applied` block has overwritten, by module name.
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # name -> ((data_ptr, version), digest): a tensor's digest stays valid until it is written to.
+    digests: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)
+    text_cache: OrderedDict = field(default_factory=OrderedDict)
+    modules: dict[str, torch.nn.Linear] = field(default_factory=dict)
+
+
+def pipeline_state(pipe) -> PipelineState:
+    state = pipe.__dict__.get("_erasure_state")
+    if state is None:
+        name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown"
+        state = PipelineState(model_id=str(name))
+        # object.__setattr__: diffusers' own __setattr__ would try to register it as a component.
+        object.__setattr__(pipe, "_erasure_state", state)
+    if not state.modules:
+        state.modules = editable_modules(pipe.unet)
+    return state
+
+
+def editable_modules(unet) -> dict[str, torch.nn.Linear]:
+    """The cross-attention key/value projections closed-form methods rewrite, by UNet module name."""
+    modules = {name: module for name, module in unet.named_modules()
+               if name.endswith(EDITABLE_SUFFIXES) and isinstance(module, torch.nn.Linear)}
+    if not modules:
+        raise ValueError("this UNet has no attn2.to_k / attn2.to_v projections; only SD-1.x/2.x-style UNets are "
+                         "supported")
+    return modules
+
+
+def original_weight(state: PipelineState, name: str) -> torch.Tensor:
+    """The base model's tensor for `name`, also while an edit is applied."""
+    if name in state.originals:
+        return state.originals[name]
+    return state.modules[name].weight.detach()
+
+
+def weight_digest(state: PipelineState, name: str) -> str:
+    """sha256 of the base tensor rounded to fp16, so fp32 and fp16 loads of one model agree."""
+    tensor = original_weight(state, name)
+    key = (tensor.data_ptr(), tensor._version)
+    cached = state.digests.get(name)
+    if cached and cached[0] == key:
+        return cached[1]
+    data = tensor.detach().to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes()
+    digest = hashlib.sha256(data).hexdigest()
+    state.digests[name] = (key, digest)
+    return digest
+
+
+def fingerprint(state: PipelineState, names) -> str:
+    """One digest of the base tensors an edit replaces: an edit applies only where this matches."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode())
+        h.update(weight_digest(state, name).encode())
+    return h.hexdigest()
+
+
+def default_device_and_dtype() -> tuple[str, torch.dtype]:
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a Stable Diffusion pipeline: a hub id, a local diffusers folder, a single .safetensors/.ckpt
+    file, or "tiny" (random weights, offline). CUDA + fp16 when available, else CPU + fp32."""
+    auto_device, auto_dtype = default_device_and_dtype()
+    device = device or auto_device
+    dtype = dtype or (auto_dtype if device.startswith("cuda") else torch.float32)
+
+    from .tiny import RANDOM_MODELS, random_pipeline
+
+    if model in RANDOM_MODELS:
+        pipe = random_pipeline(model)
+    else:
+        pipe = _load_pretrained(model, dtype)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    object.__setattr__(pipe, "_erasure_state", PipelineState(model_id=model))
+    pipeline_state(pipe)
+    return pipe
+
+
+def _load_pretrained(model: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if path.is_file():
+            if path.suffix not in (".safetensors", ".ckpt"):
+                raise ModelLoadError(f"{model!r} is a file but not a .safetensors or .ckpt checkpoint")
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        if path.is_dir():
+            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise ModelLoadError(f"model {model!r} is neither a local folder/file nor a hub id like "
+                                 f"'{DEFAULT_MODEL}' (or 'tiny' for the offline random-weight model)")
+        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # hub, network and format errors come in many types; one sentence for all
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"could not load model {model!r} ({first_line[:200]}). Check the network or that the model is in the "
+            f"Hugging Face cache (HF_HOME), pass a local diffusers folder or .safetensors file, or use 'tiny' for "
+            f"the offline random-weight model.") from None

@@ -1,0 +1,73 @@
+"""Presets: concept sets, retain pools, prompt templates and named method settings, read from
+`presets/*.toml` (data only; one file per preset, long lists in `presets/lists/*.txt`)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+KINDS = ("object", "style", "celebrity", "nudity")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    kind: str  # object | style | celebrity | nudity: picks the prompt templates
+    targets: tuple[str, ...]
+    anchors: tuple[str, ...]
+    retain: tuple[str, ...]
+    source: str
+    params: dict[str, dict] = field(default_factory=dict)  # method name -> the reference's setting
+
+    def method_params(self, method: str) -> dict:
+        return dict(self.params.get(method, {}))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if p.stem != "templates")
+
+
+@lru_cache(maxsize=None)
+def load_preset(name: str) -> Preset:
+    path = PRESET_DIR / f"{name}.toml"
+    if name == "templates" or not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; choose from {presets()}")
+    data = tomllib.loads(path.read_text("utf-8"))
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"preset {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    if "targets_file" in data:
+        targets = _read_list(data["targets_file"])[: data.get("targets_count")]
+    else:
+        targets = data["targets"]
+    retain = _read_list(data["retain_file"]) if "retain_file" in data else data.get("retain", [])
+    return Preset(name, data["description"], kind, tuple(targets), tuple(data["anchors"]), tuple(retain),
+                  data["source"], data.get("params", {}))
+
+
+def _read_list(relative: str) -> list[str]:
+    lines = (PRESET_DIR / relative).read_text("utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+@lru_cache(maxsize=None)
+def templates() -> dict:
+    return tomllib.loads((PRESET_DIR / "templates.toml").read_text("utf-8"))
+
+
+def prompt_templates(kind: str, full: bool = False) -> list[str]:
+    table = templates()[kind]
+    return list(table["templates"] if full else table["templates"][: table["interactive"]])
+
+
+def concept_text(kind: str, concept: str) -> str:
+    """The bare-concept text CLIP scores compare against ("a photo of X", "a painting in the style of X")."""
+    return templates()["concept_text"][kind].format(concept)
+
+
+def neutral_prompts() -> list[str]:
+    return _read_list("lists/neutral_prompts.txt")

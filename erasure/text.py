@@ -1,0 +1,130 @@
+"""Prompts -> token rows of the text encoder's last hidden state, batched and cached per pipeline.
+
+Token conventions (shared by UCE and SPEED's reference code): a concept is represented by its *last
+subject token*, index `attention_mask.sum() - 2`; for the empty prompt that is BOS, which is the same
+for every prompt because the CLIP text encoder is causal. SPEED's all-token mode uses rows 1..76.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+ENCODE_BATCH = 256
+TEXT_CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    rows: torch.Tensor  # [L, d]: L = tokens up to EOS, or the full 77 when encoded at full length
+    subject: int  # index of the last subject token (0 = BOS for "")
+
+    @property
+    def subject_row(self) -> torch.Tensor:
+        return self.rows[self.subject]
+
+
+Encoder = Callable[[Sequence[str], bool], list[EncodedText]]
+
+
+@dataclass(frozen=True)
+class Concepts:
+    """Validated concept lists; `anchors` has one entry per target."""
+    targets: tuple[str, ...]
+    anchors: tuple[str, ...]
+    retain: tuple[str, ...]
+
+
+def split_concepts(text: str) -> list[str]:
+    """'a, b\\nc' -> ['a', 'b', 'c'] (the app's comma/newline-separated fields)."""
+    return [part.strip() for part in re.split(r"[,\n]", text or "") if part.strip()]
+
+
+def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Sequence[str], tokenizer,
+                      max_concepts: int) -> Concepts:
+    """Check concept lists, with a specific ValueError for each way they can be wrong."""
+    if isinstance(targets, str) or isinstance(anchors, str) or isinstance(retain, str):
+        raise ValueError("targets, anchors and retain must be lists of strings, e.g. targets=['Snoopy']")
+    targets = [str(t) for t in targets]
+    if not targets:
+        raise ValueError("no target concept given: name at least one concept to erase")
+    for i, target in enumerate(targets):
+        if not target.strip():
+            raise ValueError(f"target concept #{i + 1} is empty; every target needs some text")
+    targets = [t.strip() for t in targets]
+    seen: dict[str, str] = {}
+    for target in targets:
+        if target.lower() in seen:
+            raise ValueError(f"target concept {target!r} is given twice; list each concept once")
+        seen[target.lower()] = target
+    if len(targets) > max_concepts:
+        raise ValueError(f"{len(targets)} target concepts exceed the cap of {max_concepts}; erase fewer at once "
+                         f"or raise max_concepts")
+    anchors = [str(a).strip() for a in anchors]
+    if len(anchors) == 1:
+        anchors = anchors * len(targets)
+    if len(anchors) != len(targets):
+        raise ValueError(f"got {len(anchors)} anchors for {len(targets)} targets; give one anchor for all targets or "
+                         f"one per target ('' is the empty prompt)")
+    retain_clean, dropped = [], []
+    for concept in (str(r).strip() for r in retain):
+        if concept.lower() in seen:
+            dropped.append(concept)
+        elif concept not in retain_clean:
+            retain_clean.append(concept)
+    if dropped:
+        warnings.warn(f"retain concepts {dropped} are also targets and were left out of the retain set")
+    if len(retain_clean) > max_concepts * 20:
+        raise ValueError(f"{len(retain_clean)} retain concepts exceed the cap of {max_concepts * 20}")
+    for concept in targets + anchors + retain_clean:
+        n_tokens = len(tokenizer(concept, truncation=False).input_ids)
+        if n_tokens > tokenizer.model_max_length:
+            warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - 2} tokens; CLIP keeps "
+                          f"{tokenizer.model_max_length - 2}, so it is truncated")
+    return Concepts(tuple(targets), tuple(anchors), tuple(retain_clean))
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts: Sequence[str], full_length: bool = False) -> list[EncodedText]:
+    """Encode texts with the pipeline's text encoder, in batches, cached per (text, full_length).
+
+    Without `full_length`, sequences are padded only to the batch's longest: the encoder is causal,
+    so rows up to EOS do not depend on padding, and short concept names encode ~10x faster.
+    """
+    from .pipeline import pipeline_state
+
+    cache = pipeline_state(pipe).text_cache
+    todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    for start in range(0, len(todo), ENCODE_BATCH):
+        batch = todo[start:start + ENCODE_BATCH]
+        tokens = tokenizer(batch, padding="max_length" if full_length else "longest", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        hidden = encoder(tokens.input_ids.to(encoder.device))[0]
+        lengths = tokens.attention_mask.sum(1)
+        for i, text in enumerate(batch):
+            keep = hidden.shape[1] if full_length else int(lengths[i])
+            cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), int(lengths[i]) - 2)
+    result = []
+    for text in texts:
+        cache.move_to_end((text, full_length))
+        result.append(cache[(text, full_length)])
+    while len(cache) > TEXT_CACHE_SIZE:
+        cache.popitem(last=False)
+    return result
+
+
+def subject_rows(encode: Encoder, texts: Sequence[str]) -> torch.Tensor:
+    """[n, d] last-subject-token rows, float64."""
+    if not texts:
+        return torch.empty(0, 0, dtype=torch.float64)
+    return torch.stack([e.subject_row for e in encode(texts, False)]).double()
+
+
+def all_token_rows(encode: Encoder, text: str) -> torch.Tensor:
+    """[76, d] rows 1..76 (all but BOS) of a prompt padded to full length, float64."""
+    return encode([text], True)[0].rows[1:].double()
