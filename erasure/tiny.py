@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-# The tiny text encoder is wider (128) than the 77-token context, as SD-1's (768) is: a prompt's
-# 77 token rows then span a proper subspace, so null-space guarantees are testable as on the real model.
-TINY_TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=148, projection_dim=128,
+# The tiny text encoder is wider (256) than two 77-token contexts (prompt + CFG's empty prompt), as
+# SD-1's (768) is: their token rows then span a proper subspace, so null-space guarantees are testable
+# exactly as they hold on the real model.
+TINY_TEXT = dict(vocab_size=49408, hidden_size=256, intermediate_size=296, projection_dim=256,
                  num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5,
                  hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128, norm_num_groups=2)
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=256, norm_num_groups=2)
 TINY_VAE = dict(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
 

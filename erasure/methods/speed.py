@@ -16,6 +16,7 @@ rows the unconstrained edit D0 moves more than average) and augmented by Directe
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 
 from . import ConceptRows, Method, concept_rows, param, register
 
+_LEAST_GAIN: dict[tuple, torch.Tensor] = {}
 CHUNK = 128  # the reference's chunk: DPA's filter mean is taken per chunk of the shuffled retain rows
 KMEANS_CLUSTERS = 3
 
@@ -38,15 +40,9 @@ class SpeedParams:
     seed: int = param(0, "seeds the retain shuffle, DPA noise and k-means: same seed, bitwise same edit", min=0)
 
 
-def target_covariances(rows: ConceptRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """C_tt = mean_i T_iᵀT_i and C_at = mean_i A_iᵀT_i (SPEED averages over concepts; UCE sums)."""
-    c_tt = torch.stack([t.T @ t for t in rows.targets]).mean(0)
-    c_at = torch.stack([a.T @ t for a, t in zip(rows.anchors, rows.targets)]).mean(0)
-    return c_tt, c_at
-
-
-def invariant_rows(null: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def invariant_rows(null: torch.Tensor, seed: int) -> torch.Tensor:
     """K2ᵀ: [BOS row of ''; 3 k-means centres of its rows 1..76], shape [4, d]."""
+    generator = torch.Generator().manual_seed(seed)
     return torch.cat([null[:1], kmeans_centres(null[1:], KMEANS_CLUSTERS, generator)])
 
 
@@ -68,84 +64,137 @@ def kmeans_centres(x: torch.Tensor, k: int, generator: torch.Generator, iters: i
     return centres
 
 
-def prior_covariance(retain: torch.Tensor, d0: torch.Tensor, least_gain: torch.Tensor, p: SpeedParams,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Mean-normalised covariance of the retain rows after IPF and DPA for one layer.
+def least_gain_direction(w: torch.Tensor) -> torch.Tensor:
+    """v: the right singular vector of W's smallest singular value in the *reduced* SVD (for a wide W,
+    the smallest non-zero one), from an eigendecomposition of the smaller Gram matrix.
+
+    It depends on W alone, and the base weights do not change between edits, so it is memoised by the
+    tensor's bytes: a second edit of the same pipeline skips these eigendecompositions (half SPEED's time).
+    """
+    key = (tuple(w.shape), hashlib.blake2b(w.detach().cpu().numpy().tobytes(), digest_size=20).digest())
+    cached = _LEAST_GAIN.get(key)
+    if cached is not None:
+        return cached.to(w.device)
+    if w.shape[0] < w.shape[1]:
+        u = torch.linalg.eigh(w @ w.T).eigenvectors[:, 0]
+        v = w.T @ u
+        v = v / v.norm()
+    else:
+        v = torch.linalg.eigh(w.T @ w).eigenvectors[:, 0]
+    _LEAST_GAIN[key] = v
+    while len(_LEAST_GAIN) > 512:
+        _LEAST_GAIN.pop(next(iter(_LEAST_GAIN)))
+    return v
+
+
+@dataclass(frozen=True)
+class PriorRows:
+    """The retain covariance of one layer as cov = Xᵀ D X / count, X = kept retain rows (+ v)."""
+    rows: torch.Tensor  # [r, d]
+    weights: torch.Tensor  # [r, r] symmetric D
+    count: float
+
+
+def prior_rows(retain: torch.Tensor, moved: torch.Tensor, moved_v: torch.Tensor, least_gain: torch.Tensor,
+               p: SpeedParams, generator: torch.Generator) -> PriorRows:
+    """Retain rows after IPF and DPA for one layer, with D0 c given as `moved` ([m, d_out]) and D0 v as `moved_v`.
 
     DPA's augmented row is c' = c + (εᵀv) v with ε ~ N(0, I): only the scalar s = εᵀv ~ N(0, 1) matters,
-    so it is drawn directly, and norms and covariance of the c' follow in closed form from c and s.
+    so it is drawn directly, and the norms ‖D0 c'‖ and covariance of the kept c' follow in closed form.
     """
-    d = retain.shape[1]
     if p.aug_num > 0 and not p.disable_filter and len(retain):
-        moved = (retain @ d0.T).norm(dim=1)
-        retain = retain[moved > moved.mean()]
-    cov = retain.new_zeros(d, d)
-    count = 0
-    d0_v = d0 @ least_gain
-    for chunk in retain.split(CHUNK):
-        n = len(chunk)
-        if p.aug_num == 0:
-            cov += chunk.T @ chunk
-            count += n
-            continue
-        s = torch.randn(n, p.aug_num, generator=generator, dtype=torch.float64).to(chunk.device)
-        x = chunk @ d0.T
-        norms = ((x * x).sum(1, keepdim=True) + 2 * s * (x @ d0_v)[:, None] + s * s * (d0_v @ d0_v)).clamp_min(0).sqrt()
-        kept = (norms > norms.mean()).double()
-        copies = 1 + kept.sum(1)  # each original row plus its kept augmentations
-        shift = (s * kept).sum(1)
-        u = chunk.T @ shift
-        cov += (chunk.T * copies) @ chunk + torch.outer(u, least_gain) + torch.outer(least_gain, u)
-        cov += (s * s * kept).sum() * torch.outer(least_gain, least_gain)
-        count += int(copies.sum())
-    return cov / max(count, 1)
+        norms = moved.norm(dim=1)
+        keep = norms > norms.mean()
+        retain, moved = retain[keep], moved[keep]
+    if p.aug_num == 0:
+        return PriorRows(retain, torch.eye(len(retain), dtype=retain.dtype, device=retain.device), len(retain))
+    copies, shifts, shift_squares = [], [], retain.new_zeros(())
+    for chunk in moved.split(CHUNK):
+        s = torch.randn(len(chunk), p.aug_num, generator=generator, dtype=torch.float64).to(chunk.device)
+        norms = ((chunk * chunk).sum(1, keepdim=True) + 2 * s * (chunk @ moved_v)[:, None]
+                 + s * s * (moved_v @ moved_v)).clamp_min(0).sqrt()
+        kept = (norms > norms.mean()).double()  # the chunk's mean over all its augmented rows
+        copies.append(1 + kept.sum(1))  # each original row plus its kept augmentations
+        shifts.append((s * kept).sum(1))
+        shift_squares = shift_squares + (s * s * kept).sum()
+    copies = torch.cat(copies) if copies else retain.new_zeros(0)
+    shifts = torch.cat(shifts) if shifts else retain.new_zeros(0)
+    r = len(retain)
+    weights = retain.new_zeros(r + 1, r + 1)
+    weights[:r, :r] = torch.diag(copies)
+    weights[:r, r] = weights[r, :r] = shifts
+    weights[r, r] = shift_squares
+    return PriorRows(torch.cat([retain, least_gain[None]]), weights, float(copies.sum()))
 
 
-def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P onto the eigenvectors of the (symmetric) covariance with eigenvalue < threshold."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    basis = eigenvectors[:, eigenvalues < threshold]
-    return basis @ basis.T
+def kept_basis(prior: PriorRows, threshold: float) -> torch.Tensor:
+    """Orthonormal basis [d, k] of the covariance's eigenvectors with eigenvalue >= threshold: the
+    complement of SPEED's null space, so P = I − B Bᵀ. Through a QR of the rows when they are fewer than d
+    (every direction outside their span has eigenvalue 0), else a full eigendecomposition."""
+    d = prior.rows.shape[1]
+    eye = torch.eye(d, dtype=prior.rows.dtype, device=prior.rows.device)
+    if threshold <= 0:
+        return eye  # no eigenvalue is < 0: the null space is empty and nothing may change
+    if len(prior.rows) == 0:
+        return eye[:, :0]
+    if len(prior.rows) < d:
+        q, r = torch.linalg.qr(prior.rows.T)  # rowsᵀ = Q R, so cov = Q (R D Rᵀ / count) Qᵀ
+        values, vectors = torch.linalg.eigh(r @ prior.weights @ r.T / prior.count)
+        return q @ vectors[:, values >= threshold]
+    values, vectors = torch.linalg.eigh(prior.rows.T @ prior.weights @ prior.rows / prior.count)
+    return vectors[:, values >= threshold]
 
 
-def speed_delta_map(c_tt: torch.Tensor, c_at: torch.Tensor, projector: torch.Tensor, k2: torch.Tensor,
-                    p: SpeedParams) -> torch.Tensor:
-    """G with Δ = W G: G = (C_at − C_tt) P [I − M K2 (K2ᵀ P M K2 + λI)⁻¹ K2ᵀ P] M,  M = (C_tt P + αI)⁻¹."""
-    d = c_tt.shape[0]
-    eye = torch.eye(d, dtype=c_tt.dtype, device=c_tt.device)
-    m = torch.linalg.inv(c_tt @ projector + p.retain_scale * eye)
-    k2 = k2.T  # [d, 4]
-    gram = k2.T @ projector @ m @ k2 + p.lamb * torch.eye(k2.shape[1], dtype=k2.dtype, device=k2.device)
-    constraint = m @ k2 @ torch.linalg.pinv(gram, hermitian=False) @ k2.T @ projector
-    return (c_at - c_tt) @ projector @ (eye - constraint) @ m
+def speed_update_rows(targets: torch.Tensor, n_concepts: int, basis: torch.Tensor, k2: torch.Tensor,
+                      p: SpeedParams) -> torch.Tensor:
+    """Y = T P [I − M K2 (K2ᵀ P M K2 + λI)⁻¹ K2ᵀ P] M, so that Δ = W (C_at − C_tt) P [...] M = W Eᵀ Y / N
+    with E = A − T. M = (C_tt P + αI)⁻¹ is applied by Woodbury: C_tt P = Tᵀ (T P) / N has rank <= rows of T."""
+    def project(x):  # x P, with P = I − B Bᵀ
+        return x - (x @ basis) @ basis.T
+
+    tp = project(targets)
+    inner = torch.linalg.inv(p.retain_scale * torch.eye(len(targets), dtype=targets.dtype, device=targets.device)
+                             + tp @ targets.T / n_concepts)
+
+    def times_m(x):  # x M = (x − (x Tᵀ/N) (αI + T P Tᵀ/N)⁻¹ T P) / α
+        return (x - (x @ targets.T / n_concepts) @ inner @ tp) / p.retain_scale
+
+    tpm, k2pm = times_m(tp), times_m(project(k2))
+    gram = k2pm @ k2.T + p.lamb * torch.eye(len(k2), dtype=k2.dtype, device=k2.device)
+    # pinv: with retain [""] the k-means centres lie in the retained span, so the Gram is singular at λ = 0
+    return tpm - (tpm @ k2.T) @ torch.linalg.pinv(gram) @ k2pm
 
 
 def speed(weights: dict[str, torch.Tensor], rows: ConceptRows, p: SpeedParams) -> dict[str, torch.Tensor]:
     """New weights W + Δ for every given projection, each from the original W."""
+    if p.retain_scale <= 0:
+        raise ValueError("SPEED parameter 'retain_scale' must be > 0: M = (C_tt P + αI)⁻¹ is singular at α = 0")
     generator = torch.Generator().manual_seed(p.seed)
     retain = rows.retain[torch.randperm(len(rows.retain), generator=generator).to(rows.retain.device)]
-    k2 = invariant_rows(rows.null, generator)
-    c_tt, c_at = target_covariances(rows)
-    eye = torch.eye(c_tt.shape[0], dtype=c_tt.dtype, device=c_tt.device)
-    prior_shift = (c_at - c_tt) @ torch.linalg.inv(eye + c_tt)  # D0 = W (C_at − C_tt)(I + C_tt)⁻¹
+    k2 = invariant_rows(rows.null, p.seed)
+    n = len(rows.targets)
+    targets, errors = torch.cat(rows.targets), torch.cat(rows.anchors) - torch.cat(rows.targets)
+    eye = torch.eye(targets.shape[1], dtype=targets.dtype, device=targets.device)
+    # D0 = W (C_at − C_tt)(I + C_tt)⁻¹ = W Eᵀ T (I + TᵀT/N)⁻¹ / N: rows of D0 inputs live in span(E)
+    prior_coefficients = targets @ torch.linalg.inv(eye + targets.T @ targets / n) / n  # [n_t, d]
+    retain_coefficients = retain @ prior_coefficients.T  # [m, n_t]: D0 c = (W Eᵀ) coefficients
     uses_priors = p.aug_num > 0
     shared = None
-    if not uses_priors:  # without IPF/DPA, P does not depend on W: one map for every layer
-        shared = speed_delta_map(c_tt, c_at, null_space_projector(_plain_covariance(retain), p.threshold), k2, p)
+    if not uses_priors:  # without IPF/DPA, P does not depend on W: one update for every layer
+        prior = PriorRows(retain, torch.eye(len(retain), dtype=retain.dtype, device=retain.device), len(retain))
+        shared = speed_update_rows(targets, n, kept_basis(prior, p.threshold), k2, p)
     new = {}
     for name, w in weights.items():
+        w_errors = errors @ w.T  # [n_t, d_out]: W Eᵀ, transposed
         if shared is None:
-            least_gain = torch.linalg.svd(w, full_matrices=False).Vh[-1]  # reduced SVD: smallest non-zero σ
-            cov = prior_covariance(retain, w @ prior_shift, least_gain, p, generator)
-            delta_map = speed_delta_map(c_tt, c_at, null_space_projector(cov, p.threshold), k2, p)
+            v = least_gain_direction(w)
+            prior = prior_rows(retain, retain_coefficients @ w_errors, (prior_coefficients @ v) @ w_errors, v, p,
+                               generator)
+            update = speed_update_rows(targets, n, kept_basis(prior, p.threshold), k2, p)
         else:
-            delta_map = shared
-        new[name] = w + w @ delta_map
+            update = shared
+        new[name] = w + w_errors.T @ update / n
     return new
-
-
-def _plain_covariance(retain: torch.Tensor) -> torch.Tensor:
-    return retain.T @ retain / max(len(retain), 1)
 
 
 def retain_texts_without_targets(retain, targets) -> list[str]:

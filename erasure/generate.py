@@ -1,0 +1,195 @@
+"""Same-seed generation (one Generator per image), the cache of original images, and labelled grids.
+
+Every image is keyed by (model, prompt, seed, steps, guidance, size, scheduler), so an original image
+is computed once and reused whatever edit it is compared with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .edit import Edit, applied
+from .pipeline import pipeline_state
+
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
+
+
+class GenerationCancelled(Exception):
+    """Raised when `should_stop` asked a generation to stop; the weights are restored as on any exit."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int = 20
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = "pndm"
+
+    def check(self) -> "Settings":
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not (self.guidance >= 0 and self.guidance < 1e4):
+            raise ValueError(f"guidance must be a number >= 0, got {self.guidance}")
+        for side in (self.height, self.width):
+            if side < 8 or side % 8:
+                raise ValueError(f"height and width must be multiples of 8 (>= 8), got {self.height}x{self.width}")
+        return self
+
+
+def default_settings(pipe, **overrides) -> Settings:
+    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model)."""
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return Settings(**{"height": side, "width": side, **overrides}).check()
+
+
+def image_key(model_id: str, prompt: str, seed: int, settings: Settings) -> str:
+    payload = json.dumps([model_id, prompt, int(seed), asdict(settings)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+class OriginalCache:
+    """Original (unedited) images by `image_key`: in memory (LRU), and on disk when given a folder."""
+
+    def __init__(self, max_images: int = 1024, folder: str | Path | None = None):
+        self.max_images = max_images
+        self.folder = Path(folder) if folder else None
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Image.Image | None:
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        if self.folder and (self.folder / f"{key}.png").is_file():
+            image = Image.open(self.folder / f"{key}.png").convert("RGB")
+            self._put(key, image)
+            return image
+        return None
+
+    def put(self, key: str, image: Image.Image) -> None:
+        self._put(key, image)
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            image.save(self.folder / f"{key}.png")
+
+    def _put(self, key, image):
+        with self._lock:
+            self._images[key] = image
+            while len(self._images) > self.max_images:
+                self._images.popitem(last=False)
+
+
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, edit: Edit | None = None,
+                    *, batch_size: int = 4, on_step: Callable[[int, int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+    """Images for every (prompt, seed) pair, prompt-major, with `edit` applied (None: the base model).
+
+    Each image has its own CPU Generator seeded with its seed, so it does not depend on batching or on
+    the other prompts. `on_step(done, total)` reports denoising steps; `should_stop()` cancels.
+    """
+    settings.check()
+    pairs = [(p, int(s)) for p in prompts for s in seeds]
+    total = len(pairs) * settings.steps
+    done = 0
+    images: list[Image.Image] = []
+    with applied(pipe, edit), _scheduler(pipe, settings.scheduler):
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+
+            def step_end(pipeline, step, timestep, tensors):
+                nonlocal done
+                done += 1
+                if on_step:
+                    on_step(done, total)
+                if should_stop and should_stop():
+                    pipeline._interrupt = True
+                return tensors
+
+            result = pipe([p for p, _ in batch], num_inference_steps=settings.steps,
+                          guidance_scale=settings.guidance, height=settings.height, width=settings.width,
+                          generator=[torch.Generator("cpu").manual_seed(s) for _, s in batch],
+                          callback_on_step_end=step_end)
+            if should_stop and should_stop():
+                raise GenerationCancelled("generation cancelled")
+            images.extend(result.images)
+    return images
+
+
+def originals(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, cache: OriginalCache,
+              **kwargs) -> list[Image.Image]:
+    """Base-model images, computing only the prompts whose (prompt, seed) images the cache lacks."""
+    model_id = pipeline_state(pipe).model_id
+    found = {(p, int(s)): cache.get(image_key(model_id, p, s, settings)) for p in prompts for s in seeds}
+    missing = list(dict.fromkeys(p for (p, _), image in found.items() if image is None))
+    if missing:
+        fresh = generate_images(pipe, missing, seeds, settings, None, **kwargs)
+        for pair, image in zip([(p, int(s)) for p in missing for s in seeds], fresh):
+            found[pair] = image
+            cache.put(image_key(model_id, pair[0], pair[1], settings), image)
+    return [found[(p, int(s))] for p in prompts for s in seeds]
+
+
+@contextmanager
+def _scheduler(pipe, name: str) -> Iterator[None]:
+    """Swap in the named scheduler (built from the pipeline's own config) for one generation."""
+    import diffusers
+
+    current = pipe.scheduler
+    if type(current).__name__ != SCHEDULERS[name]:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(current.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = current
+
+
+def comparison_grid(row_labels: Sequence[str], column_titles: Sequence[str],
+                    columns: Sequence[Sequence[Image.Image]], captions: Sequence[Sequence[str]] | None = None,
+                    cell: int = 256) -> Image.Image:
+    """A labelled grid: one row per label, one column per title (e.g. original | edited)."""
+    font = ImageFont.load_default()
+    label_width, title_height, caption_height = 220, 24, 18 if captions else 0
+    height = title_height + len(row_labels) * (cell + caption_height)
+    grid = Image.new("RGB", (label_width + len(column_titles) * cell, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(column_titles):
+        draw.text((label_width + j * cell + 6, 5), title, fill="black", font=font)
+    for i, label in enumerate(row_labels):
+        top = title_height + i * (cell + caption_height)
+        draw.multiline_text((6, top + 6), _wrap(label, 32), fill="black", font=font)
+        for j, column in enumerate(columns):
+            grid.paste(column[i].convert("RGB").resize((cell, cell), Image.NEAREST), (label_width + j * cell, top))
+            if captions:
+                draw.text((label_width + j * cell + 4, top + cell + 3), captions[j][i], fill="black", font=font)
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])

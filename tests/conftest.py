@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny random-weight SD pipeline per test session (built offline from configs)."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import erasure
+from erasure.pipeline import pipeline_state
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    return erasure.load_pipeline("tiny", device="cpu")
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    """Copies of every editable tensor, to assert the pipeline is untouched."""
+    return {name: m.weight.detach().clone() for name, m in pipeline_state(pipe).modules.items()}
+
+
+def assert_untouched(pipe, before: dict[str, torch.Tensor]) -> None:
+    for name, module in pipeline_state(pipe).modules.items():
+        assert torch.equal(module.weight, before[name]), f"{name} changed"
+    assert not pipeline_state(pipe).originals, "an edit is still marked as applied"
+
+
+@pytest.fixture
+def untouched(pipe):
+    """Asserts at teardown that the test left the shared pipeline's weights bitwise as they were."""
+    before = snapshot(pipe)
+    yield before
+    assert_untouched(pipe, before)
+
+
+def render(pipe, prompt, seed=0, steps=2, guidance=7.5):
+    """One 64-px image as a float array in [0, 1]."""
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
