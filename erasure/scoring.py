@@ -115,3 +115,46 @@ def load_clip_scorer(name: str = DEFAULT_CLIP[0], pretrained: str = DEFAULT_CLIP
             scorer = ClipScorer(model, preprocess, open_clip.get_tokenizer(name), f"{name} ({pretrained})", device)
         _SCORERS[key] = scorer
         return scorer
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """A mean with a percentile-bootstrap confidence interval."""
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float = 0.95
+
+
+def bootstrap_mean(values, n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> MeanInterval:
+    """Mean of `values` with a seeded percentile-bootstrap interval (resampling the values with replacement)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return MeanInterval(float("nan"), float("nan"), float("nan"), 0, level)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    mean = float(values.mean())
+    return MeanInterval(mean, min(float(low), mean), max(float(high), mean), int(values.size), level)
+
+
+def same_seed_win_rate(original_cosine, edited_cosine, **bootstrap) -> MeanInterval:
+    """Share of (prompt, seed) pairs whose edited image is less similar to the target than the original."""
+    original_cosine, edited_cosine = np.asarray(original_cosine), np.asarray(edited_cosine)
+    if original_cosine.shape != edited_cosine.shape:
+        raise ValueError("win rate needs one edited image per original image (same prompts and seeds)")
+    return bootstrap_mean((edited_cosine < original_cosine).astype(np.float64), **bootstrap)
+
+
+def summarize_scores(scores: dict[str, np.ndarray], baseline: str = "original") -> list[dict]:
+    """One row per column (e.g. original, each edit): mean score with its 95% interval and the change
+    from the baseline column. Used for the app's summary table and the evaluate command."""
+    base = bootstrap_mean(scores[baseline]).mean if baseline in scores else float("nan")
+    rows = []
+    for column, values in scores.items():
+        interval = bootstrap_mean(values)
+        rows.append({"column": column, "mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
+                     "n": interval.n, "change": interval.mean - base})
+    return rows
