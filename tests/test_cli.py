@@ -1,0 +1,41 @@
+"""`python -m erasure erase | generate` on the tiny model, run in-process through cli.main."""
+
+from PIL import Image
+
+import erasure
+from erasure.cli import main
+
+
+def test_erase_then_generate_grid(tmp_path, capsys):
+    edit_path = tmp_path / "edit.safetensors"
+    assert main(["erase", "--model", "tiny", "--method", "speed", "--preset", "instance",
+                 "--targets", "Snoopy", "--out", str(edit_path)]) == 0
+    edit = erasure.Edit.load(edit_path)
+    assert edit.targets == ["Snoopy"] and len(edit.retain) > 300  # preset retain pool, target overridden
+    assert edit.params["threshold"] == 0.1 and edit.params["params"] == "V"  # the preset's SPEED setting
+    assert "erased 1 concept(s)" in capsys.readouterr().out
+
+    grid_path = tmp_path / "grid.png"
+    assert main(["generate", "--model", "tiny", "--edit", str(edit_path), "--prompt", "a photo of Snoopy",
+                 "a photo of a cat", "--seeds", "0", "1", "--steps", "2", "--out", str(grid_path)]) == 0
+    with Image.open(grid_path) as grid:
+        # 2 prompts x 2 seeds rows, original | edited columns, 256-px cells beside a 220-px label column
+        assert grid.size == (220 + 2 * 256, 24 + 4 * 256)
+
+
+def test_method_parameters_override_preset(tmp_path):
+    edit_path = tmp_path / "edit.safetensors"
+    assert main(["erase", "--model", "tiny", "--method", "uce", "--preset", "style", "--lamb", "0.1",
+                 "--out", str(edit_path)]) == 0
+    edit = erasure.Edit.load(edit_path)
+    assert edit.params["lamb"] == 0.1 and edit.anchors == ["art"]
+
+
+def test_bad_input_exits_with_one_sentence(tmp_path, capsys):
+    code = main(["erase", "--model", "tiny", "--targets", "Snoopy", "--anchors", "a,b", "--out",
+                 str(tmp_path / "x.safetensors")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: got 2 anchors for 1 targets") and "Traceback" not in err
+    assert main(["generate", "--model", "tiny", "--edit", str(tmp_path / "missing.pt"), "--prompt", "x"]) == 2
+    assert "pickle" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""Token rows: the offline tokenizer is CLIP's, the subject-token convention, causal short padding."""
+
+import pytest
+import torch
+
+from erasure.pipeline import pipeline_state
+from erasure.text import encode_texts, split_concepts, subject_rows
+
+PROMPTS = ["a photo of Snoopy", "Van Gogh's Starry Night", "R2-D2  and\tC-3PO", "café — naïve 🙂", ""]
+
+
+def test_offline_tokenizer_matches_open_clip(pipe):
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-L-14")
+    for prompt in PROMPTS:
+        ours = pipe.tokenizer(prompt).input_ids
+        theirs = reference([prompt])[0].tolist()
+        assert ours == theirs[: len(ours)]
+    assert pipe.tokenizer("a photo of Snoopy").input_ids == [49406, 320, 1125, 539, 41967, 49407]
+
+
+def test_subject_token_is_last_before_eos_and_bos_for_empty(pipe):
+    encoded = encode_texts(pipe, ["a photo of Snoopy", ""])
+    assert encoded[0].subject == 4 and encoded[1].subject == 0
+
+
+def test_short_padding_rows_equal_full_length_rows(pipe):
+    # The encoder is causal: rows up to EOS must not depend on how far the batch is padded.
+    short = encode_texts(pipe, ["Snoopy", "a much longer concept description here"])
+    full = encode_texts(pipe, ["Snoopy", "a much longer concept description here"], full_length=True)
+    for s, f in zip(short, full):
+        assert torch.allclose(s.rows, f.rows[: len(s.rows)], atol=1e-5, rtol=1e-5)
+        assert f.rows.shape[0] == 77
+
+
+def test_encoding_is_cached(pipe):
+    calls = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        subject_rows(lambda t, f: encode_texts(pipe, t, f), ["cached concept one", "cached concept two"])
+        first = len(calls)
+        subject_rows(lambda t, f: encode_texts(pipe, t, f), ["cached concept two", "cached concept one"])
+        assert first == 1 and len(calls) == 1
+    finally:
+        hook.remove()
+    assert ("cached concept one", False) in pipeline_state(pipe).text_cache
+
+
+@pytest.mark.parametrize("text,expected", [("a, b\nc", ["a", "b", "c"]), (" ,\n ", []), ("Van Gogh", ["Van Gogh"])])
+def test_split_concepts(text, expected):
+    assert split_concepts(text) == expected
