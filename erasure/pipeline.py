@@ -32,6 +32,8 @@ class PipelineState:
     # name -> ((data_ptr, version), digest): a tensor's digest stays valid until it is written to.
     digests: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)
     text_cache: OrderedDict = field(default_factory=OrderedDict)
+    # Encoding needs no weights lock (edits never touch the text encoder), only a cache lock.
+    text_lock: threading.Lock = field(default_factory=threading.Lock)
     modules: dict[str, torch.nn.Linear] = field(default_factory=dict)
 
 

@@ -97,7 +97,12 @@ def encode_texts(pipe, texts: Sequence[str], full_length: bool = False) -> list[
     """
     from .pipeline import pipeline_state
 
-    cache = pipeline_state(pipe).text_cache
+    state = pipeline_state(pipe)
+    with state.text_lock:
+        return _encode_cached(pipe, state.text_cache, texts, full_length)
+
+
+def _encode_cached(pipe, cache, texts, full_length):
     todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     for start in range(0, len(todo), ENCODE_BATCH):
