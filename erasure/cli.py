@@ -63,7 +63,7 @@ def cmd_erase(args) -> None:
 
     targets, anchors, retain, params = concepts_and_params(args)
     pipe = erasure.load_pipeline(args.model, device=args.device)
-    edit = erasure.erase(pipe, args.method, targets, anchors, retain, **params)
+    edit = erasure.erase(pipe, args.method, targets, anchors, retain, progress=True, **params)
     path = edit.save(args.out)
     stats = edit.stats
     print(f"{args.method}: erased {len(edit.targets)} concept(s), kept {len(edit.retain)} retain concept(s), "

@@ -113,10 +113,11 @@ class Edit:
 
 
 def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("",), retain: Sequence[str] = (),
-          *, max_concepts: int = MAX_CONCEPTS, **params) -> Edit:
+          *, max_concepts: int = MAX_CONCEPTS, progress: bool = False, **params) -> Edit:
     """Compute an edit erasing `targets` (mapped onto `anchors`) while keeping `retain`.
 
-    The pipeline is only read: its weights are untouched until the edit is `applied`.
+    The pipeline is only read: its weights are untouched until the edit is `applied`. `progress`
+    shows a bar while many concepts are encoded.
     """
     spec = get_method(method)
     parsed = spec.parse_params(params)
@@ -124,7 +125,7 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     concepts = validate_concepts(targets, anchors, retain, pipe.tokenizer, max_concepts)
 
     start = time.perf_counter()
-    rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full))
+    rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))
     encoded = time.perf_counter()
     names = [n for n in state.modules if n.endswith(spec.edits(parsed))]
     with state.lock:  # read the base tensors, also if another thread has an edit applied

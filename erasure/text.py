@@ -89,7 +89,7 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
 
 
 @torch.no_grad()
-def encode_texts(pipe, texts: Sequence[str], full_length: bool = False) -> list[EncodedText]:
+def encode_texts(pipe, texts: Sequence[str], full_length: bool = False, progress: bool = False) -> list[EncodedText]:
     """Encode texts with the pipeline's text encoder, in batches, cached per (text, full_length).
 
     Without `full_length`, sequences are padded only to the batch's longest: the encoder is causal,
@@ -99,13 +99,16 @@ def encode_texts(pipe, texts: Sequence[str], full_length: bool = False) -> list[
 
     state = pipeline_state(pipe)
     with state.text_lock:
-        return _encode_cached(pipe, state.text_cache, texts, full_length)
+        return _encode_cached(pipe, state.text_cache, texts, full_length, progress)
 
 
-def _encode_cached(pipe, cache, texts, full_length):
+def _encode_cached(pipe, cache, texts, full_length, progress):
+    from tqdm.auto import tqdm
+
     todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    for start in range(0, len(todo), ENCODE_BATCH):
+    starts = range(0, len(todo), ENCODE_BATCH)
+    for start in tqdm(starts, desc="encoding concepts", unit="batch", disable=not progress or len(starts) < 2):
         batch = todo[start:start + ENCODE_BATCH]
         tokens = tokenizer(batch, padding="max_length" if full_length else "longest", truncation=True,
                            max_length=tokenizer.model_max_length, return_tensors="pt")
