@@ -105,8 +105,10 @@ def encode_texts(pipe, texts: Sequence[str], full_length: bool = False, progress
 def _encode_cached(pipe, cache, texts, full_length, progress):
     from tqdm.auto import tqdm
 
-    todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
+    if not full_length:  # batch texts of similar length together: less padding to encode
+        todo.sort(key=lambda t: len(tokenizer(t, truncation=True).input_ids))
     starts = range(0, len(todo), ENCODE_BATCH)
     for start in tqdm(starts, desc="encoding concepts", unit="batch", disable=not progress or len(starts) < 2):
         batch = todo[start:start + ENCODE_BATCH]
