@@ -205,6 +205,14 @@ def applied(pipe, edit: Edit | None) -> Iterator[Any]:
                 del state.originals[name]
 
 
+def check_applicable(pipe, edit: Edit) -> None:
+    """Raise EditMismatchError unless `edit` was made for this pipeline's base weights (checked
+    without applying it, e.g. when an edit file is uploaded)."""
+    state = pipeline_state(pipe)
+    with state.lock:  # the base tensors are only stable to read while no other thread is swapping an edit in
+        _check_applicable(state, edit)
+
+
 def _check_applicable(state, edit: Edit) -> None:
     unknown = sorted(set(edit.weights) - set(state.modules))
     if unknown:

@@ -1,0 +1,73 @@
+"""Server-side bookkeeping for app sessions: edits by id, and per-session cancel flags.
+
+Edits hold tensors (tens of MB on SD-1.x), which do not belong in a UI framework's per-session
+state (Gradio deep-copies and hashes it). A session keeps only the ids; the tensors live here,
+bounded by an LRU cap so abandoned sessions cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from typing import Iterable
+
+from .edit import Edit
+
+
+class EditStore:
+    def __init__(self, max_edits: int = 64):
+        self.max_edits = max_edits
+        self._edits: OrderedDict[str, Edit] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, edit: Edit) -> str:
+        edit_id = secrets.token_hex(8)
+        with self._lock:
+            self._edits[edit_id] = edit
+            while len(self._edits) > self.max_edits:
+                self._edits.popitem(last=False)
+        return edit_id
+
+    def get(self, edit_id: str) -> Edit:
+        with self._lock:
+            if edit_id not in self._edits:
+                raise ValueError("this edit is no longer held by the server (the app keeps the most recent "
+                                 f"{self.max_edits}); erase again or upload its .safetensors file")
+            self._edits.move_to_end(edit_id)
+            return self._edits[edit_id]
+
+    def discard(self, edit_ids: Iterable[str]) -> None:
+        with self._lock:
+            for edit_id in edit_ids:
+                self._edits.pop(edit_id, None)
+
+    def __len__(self) -> int:
+        return len(self._edits)
+
+
+class CancelFlags:
+    """One flag per running request, keyed by session: Cancel sets it, the denoising loop polls it."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        with self._lock:
+            flag = self._flags[session] = threading.Event()
+        return flag
+
+    def cancel(self, session: str) -> bool:
+        """Set the session's flag; False when nothing is running for it."""
+        with self._lock:
+            flag = self._flags.get(session)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+    def finish(self, session: str, flag: threading.Event) -> None:
+        with self._lock:
+            if self._flags.get(session) is flag:
+                del self._flags[session]
