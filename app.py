@@ -1,0 +1,423 @@
+"""Erasure Studio: erase concepts from a Stable Diffusion model in seconds, then compare what the
+original and each edit draw on the same seeds, with CLIP scores. A thin UI over the `erasure` package.
+
+    python app.py                  # CompVis/stable-diffusion-v1-4 (a GPU is recommended)
+    python app.py --model tiny     # offline demo: random weights, runs on a CPU
+
+Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens (default 127.0.0.1:7860).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+import pandas as pd
+
+import erasure
+from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, Limits, caption, parse_seeds, prompt_lines,
+                             run_comparison, run_record, suggest_prompts, summary_rows)
+from erasure.edit import check_applicable
+from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
+from erasure.pipeline import pipeline_state
+from erasure.presets import KINDS, load_preset
+from erasure.scoring import ScorerLoadError, load_clip_scorer
+from erasure.sessions import CancelFlags, EditStore
+from erasure.text import split_concepts
+from erasure.tiny import RANDOM_MODELS
+
+try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
+    import spaces
+
+    on_gpu = spaces.GPU
+except ImportError:
+    def on_gpu(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+CSS = Path(__file__).resolve().parent / "assets" / "app.css"
+RANDOM_MODEL_STEPS = 3  # random-weight models draw noise at any step count; keep the CPU demo quick
+FILE_LIFETIME_S = 3600  # downloads (edits, run records) are deleted after an hour
+
+
+@contextmanager
+def user_errors():
+    """The library's ValueErrors (bad concepts, parameters, files, caps) reach the user as their own sentence."""
+    try:
+        yield
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+
+
+class Studio:
+    """The resident pipeline and CLIP scorer shared by every session, and the event handlers over them.
+
+    A session's gr.State is a list of {"id", "label"} of its edits; the tensors stay in `self.edits`.
+    """
+
+    def __init__(self, pipe, scorer, limits: Limits = Limits(), notice: str = ""):
+        self.pipe, self.scorer, self.limits, self.notice = pipe, scorer, limits, notice
+        self.model_id = pipeline_state(pipe).model_id
+        self.edits = EditStore()
+        self.originals = OriginalCache(max_images=512)
+        self.cancel_flags = CancelFlags()
+        self.files = Path(tempfile.mkdtemp(prefix="erasure-studio-"))
+        steps = RANDOM_MODEL_STEPS if self.model_id in RANDOM_MODELS else Settings.steps
+        self.defaults = default_settings(pipe, steps=steps)
+
+    # -- concepts ---------------------------------------------------------------------------------------
+    def fill_from_preset(self, name: str):
+        """Targets, anchors, retain, kind and every method parameter (the preset's, else the default)."""
+        if not name:
+            return [gr.skip()] * (4 + len(PARAM_KEYS))
+        with user_errors():
+            preset = load_preset(name)
+        params = [preset.method_params(method).get(param, spec["default"])
+                  for method, param, spec in PARAM_KEYS]
+        return [", ".join(preset.targets), ", ".join(preset.anchors), "\n".join(preset.retain), preset.kind,
+                *params]
+
+    def describe_method(self, method: str):
+        spec = erasure.get_method(method)
+        return [f"{spec.summary}  \n*{spec.paper}*",
+                *[gr.update(visible=name == spec.name) for name in erasure.METHODS]]
+
+    def suggest_prompts(self, kind: str, targets: str, retain: str):
+        prompts = suggest_prompts(kind, split_concepts(targets), split_concepts(retain))
+        return "\n".join(prompts.erase), "\n".join(prompts.keep)
+
+    def erase(self, targets: str, anchors: str, retain: str, method: str, session: list, **params):
+        """Compute an edit (the pipeline is only read) and add it to the session's comparison columns."""
+        given = {name.removeprefix(f"{method}_"): value for name, value in params.items()
+                 if name.startswith(f"{method}_")}
+        target_list, retain_list = split_concepts(targets), split_concepts(retain)
+        with user_errors():
+            self.limits.check_concepts(target_list, retain_list)
+            edit = erasure.erase(self.pipe, method, target_list, split_concepts(anchors) or [""], retain_list,
+                                 max_concepts=self.limits.max_targets, **given)
+        session, dropped = self._remember(session, edit)
+        path = edit.save(self._new_file(f"{edit.method}-{_slug(edit.targets)}", ".safetensors"))
+        return session, self._edit_choices(session), self._report(edit, dropped), layer_table(edit), str(path)
+
+    def upload_edit(self, file: str | None, session: list):
+        if not file:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        with user_errors():
+            edit = erasure.Edit.load(file)
+            check_applicable(self.pipe, edit)
+        session, dropped = self._remember(session, edit)
+        return session, self._edit_choices(session), self._report(edit, dropped, Path(file).name), layer_table(edit)
+
+    def clear_edits(self, session: list):
+        self.edits.discard(entry["id"] for entry in session)
+        return [], self._edit_choices([]), "No edits in this session."
+
+    def _remember(self, session: list, edit) -> tuple[list, list[str]]:
+        number = 1 + max((entry["number"] for entry in session), default=0)
+        label = f"#{number} {edit.method.upper()}: {_short(', '.join(edit.targets), 32)}"
+        session = [*session, {"id": self.edits.add(edit), "label": label, "number": number}]
+        dropped = session[: max(0, len(session) - self.limits.max_edits)]
+        self.edits.discard(entry["id"] for entry in dropped)
+        return session[len(dropped):], [entry["label"] for entry in dropped]
+
+    @staticmethod
+    def _edit_choices(session: list):
+        labels = [entry["label"] for entry in session]
+        return gr.CheckboxGroup(choices=labels, value=labels)
+
+    def _report(self, edit, dropped: list[str], uploaded: str | None = None) -> str:
+        report = edit_report(edit, uploaded)
+        if dropped:
+            report += (f"  \nThis session keeps its {self.limits.max_edits} latest edits; "
+                       f"dropped {', '.join(dropped)}.")
+        return report
+
+    # -- comparison -------------------------------------------------------------------------------------
+    def generate(self, erase_prompts: str, keep_prompts: str, seeds: str, steps: float, guidance: float,
+                 size: float, scheduler: str, compared: list[str], kind: str, targets: str, session: list,
+                 request: gr.Request, progress=gr.Progress()):
+        """Rows prompt x seed, columns original | each ticked edit; originals come from the cache."""
+        started = time.perf_counter()
+        with user_errors():
+            prompts = ComparisonPrompts(tuple(prompt_lines(erase_prompts)), tuple(prompt_lines(keep_prompts)))
+            seed_list = parse_seeds(seeds)
+            settings = Settings(steps=int(steps), guidance=float(guidance), height=int(size), width=int(size),
+                                scheduler=scheduler).check()
+            self.limits.check_generation(len(prompts.erase) + len(prompts.keep), len(seed_list), settings)
+            edits = self._session_edits(session, compared or [])
+            target_list = list(dict.fromkeys(t for e in edits.values() for t in e.targets))
+            target_list = target_list or split_concepts(targets)
+            flag = self.cancel_flags.start(request.session_hash or "")
+            try:
+                comparison = run_comparison(
+                    self.pipe, self.scorer, prompts, seed_list, settings, edits, target_list, kind, self.originals,
+                    on_step=lambda column, done, total: progress((done, total), desc=f"{column}: denoising"),
+                    should_stop=flag.is_set)
+            except GenerationCancelled:
+                return (*[gr.skip()] * 5, "Generation cancelled; the model's weights are restored.")
+            finally:
+                self.cancel_flags.finish(request.session_hash or "", flag)
+        record = run_record(self.pipe, comparison, self.scorer)
+        path = self._new_file("run", ".json")
+        path.write_text(json.dumps(record, indent=2), "utf-8")
+        rows = comparison.rows()
+        galleries = []
+        for group in GROUPS:
+            items = [(comparison.images[column][i],
+                      caption(column, prompt, seed, comparison.prompt_scores[column].score[i],
+                              comparison.target_scores[column].score[i]))
+                     for i, (row_group, prompt, seed) in enumerate(rows) if row_group == group
+                     for column in comparison.images]
+            galleries.append(gr.Gallery(value=items, columns=len(comparison.images)))
+        summary = summary_rows(comparison)
+        status = (f"{len(rows)} rows x {len(comparison.images)} columns in {time.perf_counter() - started:.1f} s "
+                  f"({comparison.originals_reused} original images reused from the cache). "
+                  f"{self._scorer_note()}")
+        return (*galleries, summary_table(summary), summary_plot(summary), str(path), status)
+
+    def cancel(self, request: gr.Request):
+        if self.cancel_flags.cancel(request.session_hash or ""):
+            return "Cancelling after the current denoising step..."
+        return "Nothing is running in this session."
+
+    def _session_edits(self, session: list, compared: list[str]) -> dict:
+        by_label = {entry["label"]: entry["id"] for entry in session}
+        for label in compared:
+            if label not in by_label:
+                raise ValueError(f"edit {label!r} is not in this session; it holds {list(by_label) or 'no edits'}")
+        return {label: self.edits.get(by_label[label]) for label in compared}
+
+    def _scorer_note(self) -> str:
+        note = f"CLIP: {self.scorer.backbone}; score = 100 × max(cos, 0)."
+        if self.scorer.is_random:
+            note += " Random-weight demo: the numbers show the mechanics, not image content."
+        return note
+
+    def _new_file(self, stem: str, suffix: str) -> Path:
+        now = time.time()
+        for old in self.files.iterdir():
+            if now - old.stat().st_mtime > FILE_LIFETIME_S:
+                old.unlink(missing_ok=True)
+        return self.files / f"{stem}-{secrets.token_hex(4)}{suffix}"
+
+    def banner(self) -> str:
+        state = pipeline_state(self.pipe)
+        device = next(iter(state.modules.values())).weight.device
+        lines = [f"**Model** `{self.model_id}` on {device.type} · {self._scorer_note()}"]
+        if self.model_id in RANDOM_MODELS:
+            lines.append("This is the offline **random-weight** model: images are noise-like and only show that "
+                         "edits, seeds and scores work. Start with `--model CompVis/stable-diffusion-v1-4` for "
+                         "real images.")
+        if self.notice:
+            lines.append(f"⚠️ {self.notice}")
+        return "  \n".join(lines)
+
+
+# One Advanced-panel component per (method, parameter), in a fixed order shared by layout and handlers.
+PARAM_KEYS = [(name, param, spec) for name, method in sorted(erasure.METHODS.items())
+              for param, spec in method.schema().items()]
+
+
+def param_component(method: str, name: str, spec: dict):
+    label, info = name, spec["help"]
+    if spec["type"] == "bool":
+        return gr.Checkbox(value=spec["default"], label=label, info=info)
+    if "choices" in spec:
+        return gr.Dropdown(spec["choices"], value=spec["default"], label=label, info=info)
+    if spec["type"] in ("int", "float"):
+        return gr.Number(value=spec["default"], label=label, info=info, precision=0 if spec["type"] == "int" else None)
+    return gr.Textbox(value=str(spec["default"]), label=label, info=info)
+
+
+def edit_report(edit, uploaded: str | None = None) -> str:
+    stats = edit.stats
+    source = f"Loaded `{uploaded}`: " if uploaded else ""
+    anchors = ", ".join(repr(a) if a else "the empty prompt" for a in dict.fromkeys(edit.anchors))
+    lines = [f"{source}**{edit.method.upper()}** maps {_short(', '.join(edit.targets), 80)} → {anchors}, "
+             f"keeping {len(edit.retain)} retain concept(s); "
+             f"{len(edit.weights)} matrices changed."]
+    if "solve_seconds" in stats:
+        lines.append(f"Computed in **{stats['encode_seconds'] + stats['solve_seconds']:.2f} s** "
+                     f"({stats['encode_seconds']:.2f} s text encoding + {stats['solve_seconds']:.2f} s solve).")
+    return "  \n".join(lines)
+
+
+def layer_table(edit) -> pd.DataFrame:
+    rows = [{"layer": name, "relative change": s["relative_change"], "target residual": s["target_residual"],
+             "retain drift": s.get("retain_drift", float("nan"))}
+            for name, s in edit.stats.get("layers", {}).items()]
+    return pd.DataFrame(rows, columns=["layer", "relative change", "target residual", "retain drift"]).round(4)
+
+
+def summary_table(summary: list[dict]) -> pd.DataFrame:
+    rows = [{"prompts": r["group"], "column": r["column"], "n": r["n"], "CLIP→prompt": round(r["mean"], 2),
+             "95% CI": f"{r['ci_low']:.2f}–{r['ci_high']:.2f}", "Δ vs original": round(r["change"], 2),
+             "CLIP→target": round(r["target_mean"], 2)}
+            for r in summary]
+    return pd.DataFrame(rows, columns=["prompts", "column", "n", "CLIP→prompt", "95% CI", "Δ vs original",
+                                       "CLIP→target"])
+
+
+def summary_plot(summary: list[dict]) -> gr.BarPlot:
+    bars = pd.DataFrame([{"bar": f"{r['group'].removeprefix('should be ')}: {r['column']}",
+                          "column": r["column"], "mean CLIP to prompt": r["mean"]} for r in summary])
+    return gr.BarPlot(bars, sort=list(bars["bar"]))  # table order (original first), not alphabetical
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _slug(targets) -> str:
+    return "".join(c if c.isalnum() else "-" for c in "-".join(targets))[:40].strip("-") or "edit"
+
+
+def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
+    """The Blocks app: layout, then wiring. GPU work (erase, upload checks, generate) shares one queue
+    lane of `gpu_concurrency`; UI-only events skip the queue."""
+    defaults, limits = studio.defaults, studio.limits
+    first_method = "speed" if "speed" in erasure.METHODS else sorted(erasure.METHODS)[0]
+
+    with gr.Blocks(title="Erasure Studio", delete_cache=(FILE_LIFETIME_S, FILE_LIFETIME_S)) as demo:
+        session = gr.State([], delete_callback=lambda entries: studio.edits.discard(e["id"] for e in entries))
+        gr.Markdown("# Erasure Studio\nErase concepts from a diffusion model in closed form, then compare the "
+                    "original and each edit **on the same seeds**.", elem_id="title")
+        gr.Markdown(studio.banner(), elem_id="banner")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=340):
+                gr.Markdown("### 1 · Concepts")
+                with gr.Row():
+                    preset = gr.Dropdown(["", *erasure.presets()], value="", label="Preset", scale=2,
+                                         allow_custom_value=True)  # an unknown name gets our message
+                    kind = gr.Dropdown(list(KINDS), value="object", label="Kind (picks prompt templates)",
+                                       scale=2)
+                targets = gr.Textbox(label="Target: concepts to erase", placeholder="e.g. Snoopy, Mickey",
+                                     info="comma or newline separated", elem_id="targets")
+                anchors = gr.Textbox(label="Anchor: what targets become", placeholder="empty = the empty prompt",
+                                     info="one for all targets, or one per target", elem_id="anchors")
+                retain = gr.Textbox(label="Retain: concepts to keep", lines=3, max_lines=8,
+                                    placeholder="e.g. Pikachu, Garfield", elem_id="retain")
+                method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method")
+                method_summary = gr.Markdown(elem_classes="method-summary")
+                param_inputs, method_groups = {}, {}
+                with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
+                    for name in sorted(erasure.METHODS):
+                        with gr.Group(visible=name == first_method) as method_groups[name]:
+                            for method_name, param, spec in PARAM_KEYS:
+                                if method_name == name:
+                                    param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
+                erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
+                edit_summary = gr.Markdown(elem_id="edit-report")
+                with gr.Accordion("Per-layer statistics", open=False):
+                    layers = gr.Dataframe(label="Per-layer statistics (means over concept rows)", interactive=False)
+                edit_file = gr.File(label="Download the edit (.safetensors)", interactive=False)
+                upload = gr.File(label="Upload an edit (.safetensors)", file_types=[".safetensors"],
+                                 elem_id="upload")
+
+            with gr.Column(scale=2):
+                gr.Markdown("### 2 · Compare on the same seeds")
+                with gr.Row():
+                    erase_prompts = gr.Textbox(label="Prompts that should be erased (one per line)", lines=3,
+                                               elem_id="erase-prompts")
+                    keep_prompts = gr.Textbox(label="Prompts that should be kept (one per line)", lines=3,
+                                              elem_id="keep-prompts")
+                with gr.Row():
+                    seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="seeds", min_width=90)
+                    steps = gr.Slider(1, limits.max_steps, value=defaults.steps, step=1, label="Steps",
+                                      elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=defaults.guidance, step=0.5, label="Guidance")
+                    size = gr.Slider(64, limits.max_side, value=defaults.height, step=64, label="Size (px)")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
+                                            min_width=100)
+                compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
+                                            elem_id="compared")
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Markdown(elem_id="status")
+                galleries = [gr.Gallery(label=f"Prompts that {title}", columns=2, height="auto", format="png",
+                                        object_fit="contain", elem_id=f"{group}-gallery",
+                                        buttons=["download", "fullscreen"])
+                             for group, title in GROUPS.items()]
+                summary = gr.Dataframe(label="Summary: mean CLIP score (95% bootstrap CI)", interactive=False,
+                                       elem_id="summary", wrap=True,
+                                       column_widths=["17%", "21%", "6%", "14%", "16%", "14%", "12%"])
+                with gr.Row():
+                    plot = gr.BarPlot(x="bar", y="mean CLIP to prompt", color="column", label="Mean CLIP to prompt",
+                                      x_title=" ", x_label_angle=-20, height=260, scale=2, elem_id="plot")
+                    run_file = gr.File(label="Run record (JSON: method, params, prompts, seeds, scores, versions)",
+                                       interactive=False, scale=1)
+
+        # -- wiring ---------------------------------------------------------------------------------------
+        param_components = [param_inputs[f"{m}_{p}"] for m, p, _ in PARAM_KEYS]
+        gpu = dict(concurrency_id="gpu", concurrency_limit=gpu_concurrency)
+        preset.change(studio.fill_from_preset, [preset], [targets, anchors, retain, kind, *param_components],
+                      api_name="load_preset", queue=False)
+        gr.on([demo.load, method.change], studio.describe_method, [method], [method_summary, *method_groups.values()],
+              api_name="describe_method", queue=False)
+        gr.on([targets.change, retain.change, kind.change], studio.suggest_prompts, [kind, targets, retain],
+              [erase_prompts, keep_prompts], api_name="suggest_prompts", queue=False)
+        erase_button.click(on_gpu(studio.erase), [targets, anchors, retain, method, session],
+                           [session, compared, edit_summary, layers, edit_file], inputs_kwargs=param_inputs,
+                           api_name="erase", **gpu)
+        upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
+                      api_name="upload_edit", **gpu)
+        generate_button.click(on_gpu(duration=180)(studio.generate),
+                              [erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
+                               targets, session],
+                              [*galleries, summary, plot, run_file, status], api_name="generate", **gpu)
+        cancel_button.click(studio.cancel, None, [status], api_name="cancel", queue=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """Launch with the app's stylesheet; server name/port come from GRADIO_SERVER_NAME/PORT unless given."""
+    return demo.launch(css_paths=[CSS], max_file_size="200mb", **kwargs)
+
+
+def load_models(model: str, device: str | None) -> tuple:
+    """The pipeline and scorer; if `model` cannot be loaded, the tiny offline model with a notice saying why."""
+    notice = ""
+    try:
+        pipe = erasure.load_pipeline(model, device=device)
+    except erasure.ModelLoadError as error:
+        if model in RANDOM_MODELS:
+            raise
+        notice = (f"{error} The app started with the offline random-weight `tiny` model instead "
+                  f"(`python app.py --model tiny` starts it directly).")
+        print(f"warning: {notice}", file=sys.stderr)
+        pipe = erasure.load_pipeline("tiny", device=device)
+    if pipeline_state(pipe).model_id in RANDOM_MODELS:
+        return pipe, load_clip_scorer("tiny"), notice
+    try:
+        return pipe, load_clip_scorer(), notice
+    except ScorerLoadError as error:
+        notice = f"{notice} {error}; CLIP scores use the random-weight tiny scorer instead.".strip()
+        print(f"warning: {error}", file=sys.stderr)
+        return pipe, load_clip_scorer("tiny"), notice
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=erasure.DEFAULT_MODEL,
+                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--max-images", type=int, default=Limits.max_images,
+                        help="cap on prompts x seeds per generation (raise it on a private GPU machine)")
+    args = parser.parse_args(argv)
+    pipe, scorer, notice = load_models(args.model, args.device)
+    studio = Studio(pipe, scorer, Limits(max_images=args.max_images), notice)
+    launch(build_demo(studio))
+
+
+if __name__ == "__main__":
+    main()

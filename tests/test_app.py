@@ -1,0 +1,273 @@
+"""The Gradio app through its API: a real server on 127.0.0.1 (in this process, on the shared tiny
+pipeline) driven by real gradio_client Clients. Images are 64 px with 2 denoising steps."""
+
+import json
+import math
+import re
+import threading
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from safetensors.torch import save_file
+
+import app
+import erasure
+from erasure.compare import Limits
+from erasure.generate import Settings, generate_images
+from erasure.pipeline import pipeline_state
+from erasure.scoring import load_clip_scorer
+
+from conftest import assert_untouched
+
+SETTINGS = Settings(steps=2, guidance=7.5, height=64, width=64)
+CAPTION_NUMBERS = re.compile(r"CLIP to prompt (\d+\.\d) · to target (\d+\.\d)")
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    # Four generations may run at once (the deployed default is one): the engine's lock, not the
+    # queue, must then keep each edit to its own request.
+    studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_images=8))
+    demo = app.build_demo(studio, gpu_concurrency=4)
+    _, url, _ = app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None)
+    try:
+        yield studio, url
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def erase(client, targets, method="uce", retain="Mickey", anchors="", **params):
+    """/erase -> the labels of the session's edits (the value of the "edits to compare" update)."""
+    compared, report, _, edit_file = client.predict(targets, anchors, retain, method, **params, api_name="/erase")
+    return compared["value"], report, edit_file
+
+
+def generate(client, erase_prompts, keep_prompts, compared, seeds="0", targets="", steps=SETTINGS.steps):
+    return client.predict(erase_prompts, keep_prompts, seeds, steps, SETTINGS.guidance, SETTINGS.height,
+                          SETTINGS.scheduler, compared, "object", targets, api_name="/generate")
+
+
+def gallery_items(update) -> list[dict]:
+    return update["value"] if isinstance(update, dict) else update
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(item["image"]).convert("RGB"))
+
+
+def count_unet_calls(pipe):
+    calls = []
+    return calls, pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+
+def test_every_event_has_an_api_name(server):
+    demo = app.build_demo(server[0])
+    names = [fn.api_name for fn in demo.fns.values()]
+    assert names and all(names), names
+    assert {"erase", "generate", "cancel", "upload_edit", "load_preset", "suggest_prompts"} <= set(names)
+
+
+def test_erase_then_generate_gives_a_captioned_same_seed_grid_and_run_record(pipe, client, untouched):
+    compared, report, edit_file = erase(client, "Snoopy")
+    assert compared == ["#1 UCE: Snoopy"] and "matrices changed" in report
+    # The downloaded edit is the engine's file, bitwise the edit the library computes for these concepts.
+    downloaded, reference = erasure.Edit.load(edit_file), erasure.erase(pipe, "uce", ["Snoopy"], [""], ["Mickey"])
+    assert all(torch.equal(downloaded.weights[n], w) for n, w in reference.weights.items())
+
+    erased, kept, summary, _, run_file, status = generate(client, "a photo of Snoopy", "a photo of Mickey",
+                                                          compared, seeds="0, 1", targets="Snoopy")
+    erased, kept = gallery_items(erased), gallery_items(kept)
+    # 1 prompt x 2 seeds per group, columns original | edited, row by row.
+    assert len(erased) == len(kept) == 4
+    assert [i["caption"].split(" · ")[0] for i in erased] == ["original", "#1 UCE: Snoopy"] * 2
+    assert all(CAPTION_NUMBERS.search(i["caption"]) for i in erased + kept)
+    assert "seed 1" in erased[2]["caption"] and "a photo of Mickey" in kept[0]["caption"]
+    # Same seed, same prompt: the edit changes the target's image (UCE moves every key/value a little).
+    assert np.abs(pixels(erased[0]).astype(int) - pixels(erased[1])).max() > 0
+
+    rows = summary["data"]
+    assert [r[:3] for r in rows] == [["should be erased", "original", 2], ["should be erased", "#1 UCE: Snoopy", 2],
+                                     ["should be kept", "original", 2], ["should be kept", "#1 UCE: Snoopy", 2]]
+    assert all(isinstance(v, (int, float)) and math.isfinite(v) for r in rows for v in (r[3], r[5], r[6]))
+    assert rows[0][5] == 0 and abs(rows[1][5] - (rows[1][3] - rows[0][3])) <= 0.011  # change = edited - original
+
+    record = json.loads(open(run_file, encoding="utf-8").read())
+    assert record["model"] == "tiny" and record["seeds"] == [0, 1]
+    assert record["settings"] == {"steps": 2, "guidance": 7.5, "height": 64, "width": 64, "scheduler": "pndm"}
+    assert record["edits"]["#1 UCE: Snoopy"]["method"] == "uce"
+    assert record["edits"]["#1 UCE: Snoopy"]["params"] == reference.params
+    assert record["prompts"] == {"erase": ["a photo of Snoopy"], "keep": ["a photo of Mickey"]}
+    assert record["clip"]["random_weights"] and {"torch", "diffusers", "gradio"} <= set(record["versions"])
+    # Captions round to 0.1; the record keeps full precision.
+    first = CAPTION_NUMBERS.search(erased[0]["caption"])
+    assert abs(float(first[1]) - record["images"][0]["original"]["clip_to_prompt"]) <= 0.05
+    assert "random-weight demo" in status
+
+
+def test_eight_concurrent_clients_each_get_exactly_their_own_edit(pipe, server, untouched):
+    concepts = ["Snoopy", "Garfield", "Pikachu", "Shrek", "Elmo", "Totoro", "Batman", "Bambi"]
+    results, errors = {}, []
+
+    def session(concept, method):
+        try:
+            client = Client(server[1], verbose=False)
+            compared, _, _ = erase(client, concept, method=method, retain="a cat")
+            erased, _, _, _, _, _ = generate(client, f"a photo of {concept}", "", compared, targets=concept)
+            results[concept] = gallery_items(erased)
+        except Exception as error:  # reported below; a thread's exception would otherwise be lost
+            errors.append((concept, error))
+
+    threads = [threading.Thread(target=session, args=(c, "uce" if i % 2 else "speed"))
+               for i, c in enumerate(concepts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+
+    for i, concept in enumerate(concepts):
+        original, mine = results[concept]
+        assert mine["caption"].startswith(f"#1 {'UCE' if i % 2 else 'SPEED'}: {concept}")
+        # Oracle: the same edit computed and rendered alone, through the library. The tiny model on
+        # CPU is deterministic and PNG is lossless, so equality is exact.
+        alone = erasure.erase(pipe, "uce" if i % 2 else "speed", [concept], [""], ["a cat"])
+        expected = generate_images(pipe, [f"a photo of {concept}"], [0], SETTINGS, alone)[0]
+        assert np.array_equal(pixels(mine), np.asarray(expected)), concept
+        assert not np.array_equal(pixels(mine), pixels(original))
+
+
+def test_failure_mid_generation_restores_weights_and_the_next_request_works(pipe, client, untouched):
+    compared, _, _ = erase(client, "Snoopy", method="speed")
+    calls = []
+
+    def fail_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:  # inside the edited column's denoising loop (originals: calls 1-2)
+            raise RuntimeError("injected failure")
+
+    hook = pipe.unet.register_forward_pre_hook(fail_on_third_call)
+    try:
+        with pytest.raises(AppError):
+            generate(client, "a photo of a failing robot", "", compared, targets="Snoopy")
+    finally:
+        hook.remove()
+    assert len(calls) == 3
+    assert_untouched(pipe, untouched)  # bitwise, and no edit still marked as applied
+    erased, *_ = generate(client, "a photo of a failing robot", "", compared, targets="Snoopy")
+    assert len(gallery_items(erased)) == 2
+
+
+def test_second_generate_with_another_edit_does_not_recompute_originals(pipe, client, untouched):
+    prompts = ("a photo of a lighthouse", "a bowl of soup")
+    first_edit, _, _ = erase(client, "Snoopy", method="uce")
+    calls, hook = count_unet_calls(pipe)
+    try:
+        generate(client, *prompts, first_edit, targets="Snoopy")
+        first = len(calls)
+        both, _, _ = erase(client, "Garfield", method="speed")
+        second_edit = [label for label in both if label not in first_edit]
+        generate(client, *prompts, second_edit, targets="Garfield")
+    finally:
+        hook.remove()
+    # One batch (2 prompts x 1 seed) per column, so both columns cost the same number of UNet calls.
+    assert first > 0 and first % 2 == 0  # original + edited
+    assert len(calls) - first == first // 2  # edited only: the originals came from the cache
+
+
+def test_cancel_stops_a_running_generation_and_restores_weights(pipe, client, untouched):
+    compared, _, _ = erase(client, "Snoopy")
+    started = threading.Event()
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: started.set())
+    try:
+        job = client.submit("a photo of a slow clock", "", "0", 50, SETTINGS.guidance, SETTINGS.height,
+                            SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
+        assert started.wait(timeout=60)
+        assert client.predict(api_name="/cancel").startswith("Cancelling")
+        *_, status = job.result(timeout=120)
+    finally:
+        hook.remove()
+    assert "cancelled" in status
+    assert client.predict(api_name="/cancel") == "Nothing is running in this session."
+
+
+@pytest.mark.parametrize("call,message", [
+    (dict(targets=""), "no target concept given"),
+    (dict(targets="Snoopy, Mickey, Elmo", anchors="cat, dog"), "got 2 anchors for 3 targets"),
+    (dict(method="uce", uce_lamb=-1.0), "'lamb' must be >= 0.0"),
+    (dict(method="uce", uce_erase_scale=None), "'erase_scale' must be a number, got None"),  # a cleared field
+    (dict(method="speed", speed_threshold=-0.5), "'threshold' must be >= 0.0"),
+])
+def test_bad_erase_input_is_refused_with_a_specific_message(pipe, client, untouched, call, message):
+    with pytest.raises(AppError, match=re.escape(message)):
+        erase(client, **({"targets": "Snoopy"} | call))
+
+
+def test_nan_parameter_is_refused_by_the_erase_handler(pipe, server, untouched):
+    # JSON clients cannot send NaN, but a Python caller of the handler can.
+    with pytest.raises(gr.Error, match="'erase_scale' must be a finite number"):
+        server[0].erase("Snoopy", "", "", "uce", [], uce_erase_scale=float("nan"))
+
+
+def test_generation_caps_and_bad_seeds_are_refused_with_a_specific_message(pipe, client, untouched):
+    compared, _, _ = erase(client, "Snoopy")
+    with pytest.raises(AppError, match="5 prompts x 2 seeds = 10 images per column exceed this app's cap of 8"):
+        generate(client, "a\nb\nc", "d\ne", compared, seeds="0, 1")
+    with pytest.raises(AppError, match="seed 'x' is not a whole number"):
+        generate(client, "a", "", compared, seeds="0, x")
+    with pytest.raises(AppError, match="no comparison prompt given"):
+        generate(client, "", "  ", compared)
+    with pytest.raises(AppError, match=r"'#9 UCE: Elmo' .* is not in the list of choices: \['#1 UCE: Snoopy'\]"):
+        generate(client, "a", "", ["#9 UCE: Elmo"])
+
+
+def test_unknown_preset_is_refused_and_a_known_one_fills_concepts_and_parameters(client):
+    with pytest.raises(AppError, match=r"unknown preset 'snoopy-only'; choose from \["):
+        client.predict("snoopy-only", api_name="/load_preset")
+    targets, anchors, retain, kind, *params = client.predict("style", api_name="/load_preset")
+    preset = erasure.load_preset("style")
+    assert (targets, anchors, kind) == ("Van Gogh", "art", "style")
+    assert retain.splitlines() == list(preset.retain)
+    speed_params = dict(zip([p for m, p, _ in app.PARAM_KEYS if m == "speed"],
+                            [v for (m, _, _), v in zip(app.PARAM_KEYS, params) if m == "speed"]))
+    assert speed_params.items() >= preset.method_params("speed").items()
+    erase_prompts, keep_prompts = client.predict("style", targets, "Monet", api_name="/suggest_prompts")
+    assert erase_prompts.splitlines()[0] == "a painting in the style of Van Gogh"
+    assert keep_prompts.splitlines()[0] == "a painting in the style of Monet"
+
+
+def test_uploaded_edit_joins_the_session_and_bad_uploads_are_refused(pipe, client, tmp_path, untouched):
+    _, _, edit_file = erase(client, "Snoopy", method="speed")
+    fresh = Client(client.src, verbose=False)
+    compared, report, _ = fresh.predict(handle_file(edit_file), api_name="/upload_edit")
+    assert compared["value"] == ["#1 SPEED: Snoopy"] and "Loaded" in report
+
+    pickle_file = tmp_path / "edit.pt"
+    pickle_file.write_bytes(b"not a pickle")
+    with pytest.raises(AppError, match=re.escape("Invalid file type. Please upload a file that is one of these "
+                                                 "formats: ['.safetensors']")):
+        fresh.predict(handle_file(str(pickle_file)), api_name="/upload_edit")
+    plain = tmp_path / "weights.safetensors"
+    save_file({"unet.conv.weight": torch.zeros(2, 2)}, str(plain))
+    with pytest.raises(AppError, match="is a safetensors file but not an Erasure Studio edit"):
+        fresh.predict(handle_file(str(plain)), api_name="/upload_edit")
+    foreign = erasure.Edit.load(edit_file)
+    foreign.fingerprint = "0" * 64  # as if made from other base weights
+    with pytest.raises(AppError, match="made for another base model"):
+        fresh.predict(handle_file(str(foreign.save(tmp_path / "foreign.safetensors"))), api_name="/upload_edit")
+
+
+def test_unloadable_model_falls_back_to_the_tiny_model_with_a_plain_notice():
+    pipe, scorer, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
+    assert pipeline_state(pipe).model_id == "tiny" and scorer.is_random
+    assert notice.startswith("could not load model 'nobody/not-a-cached-model'")
+    assert "offline random-weight `tiny` model instead" in notice
