@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -66,6 +67,13 @@ def image_key(model_id: str, prompt: str, seed: int, settings: Settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def default_cache_folder() -> Path:
+    """Where original images are kept on disk between runs: $ERASURE_CACHE/originals, else
+    ~/.cache/erasure-studio/originals. Shared by the app and `python -m erasure evaluate`."""
+    base = os.environ.get("ERASURE_CACHE") or Path.home() / ".cache" / "erasure-studio"
+    return Path(base) / "originals"
+
+
 class OriginalCache:
     """Original (unedited) images by `image_key`: in memory (LRU), and on disk when given a folder."""
 
@@ -90,7 +98,10 @@ class OriginalCache:
         self._put(key, image)
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
-            image.save(self.folder / f"{key}.png")
+            # Write, then rename: another process reading the folder never sees half a file.
+            partial = self.folder / f".{key}.{os.getpid()}.png"
+            image.save(partial)
+            os.replace(partial, self.folder / f"{key}.png")
 
     def _put(self, key, image):
         with self._lock:
@@ -107,8 +118,16 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings
     Each image has its own CPU Generator seeded with its seed, so it does not depend on batching or on
     the other prompts. `on_step(done, total)` reports denoising steps; `should_stop()` cancels.
     """
+    return generate_pairs(pipe, [(p, int(s)) for p in prompts for s in seeds], settings, edit,
+                          batch_size=batch_size, on_step=on_step, should_stop=should_stop)
+
+
+def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, edit: Edit | None = None,
+                   *, batch_size: int = 4, on_step: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
+    """Images for an explicit list of (prompt, seed) pairs, in batches of `batch_size` in list order."""
     settings.check()
-    pairs = [(p, int(s)) for p in prompts for s in seeds]
+    pairs = [(p, int(s)) for p, s in pairs]
     total = len(pairs) * settings.steps
     done = 0
     images: list[Image.Image] = []
