@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -71,3 +72,35 @@ def concept_text(kind: str, concept: str) -> str:
 
 def neutral_prompts() -> list[str]:
     return _read_list("lists/neutral_prompts.txt")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    set: str  # "erase" (a target's prompts), "retain" (a retain concept's) or "neutral" (no concept)
+    concept: str  # the concept the prompt is about; "" for neutral prompts
+    prompt: str
+
+
+def prompt_set_sizes(full: bool = False) -> dict:
+    """Default sizes of the evaluation prompt sets (templates.toml [prompt_sets])."""
+    return dict(templates()["prompt_sets"]["full" if full else "interactive"])
+
+
+def evaluation_prompts(kind: str, targets, retain, full: bool = False, retain_count: int | None = None,
+                       neutral_count: int | None = None) -> list[PromptItem]:
+    """The erase, retain and neutral prompt sets, in a fixed order. Retain concepts are a seeded sample
+    of the pool (in pool order); empty concepts and concepts that are also targets are left out."""
+    sizes = prompt_set_sizes(full)
+    forms = prompt_templates(kind, full)
+    retain_count = sizes["retain_concepts"] if retain_count is None else retain_count
+    neutral_count = sizes["neutral_prompts"] if neutral_count is None else neutral_count
+    if retain_count < 0 or neutral_count < 0:
+        raise ValueError(f"retain and neutral counts must be >= 0, got {retain_count} and {neutral_count}")
+    pool = [c for c in dict.fromkeys(retain) if c.strip() and c not in set(targets)]
+    if 0 < retain_count < len(pool):
+        picked = set(random.Random(0).sample(range(len(pool)), retain_count))
+        pool = [c for i, c in enumerate(pool) if i in picked]
+    items = [PromptItem("erase", c, form.format(c)) for c in targets for form in forms]
+    items += [PromptItem("retain", c, form.format(c)) for c in pool for form in forms]
+    items += [PromptItem("neutral", "", prompt) for prompt in neutral_prompts()[:neutral_count]]
+    return items
