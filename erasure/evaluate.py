@@ -1,0 +1,510 @@
+"""`python -m erasure evaluate`: generate the erase / retain / neutral prompt sets with the original and the
+edited model, score every image, and write metrics.json, metrics.csv, metrics.md, scores.png and accuracy.png.
+
+The (prompt, seed) pairs are cut into blocks of `--batch-size` in one fixed order, and a block is generated
+and scored as one batch wherever it runs. So `accelerate launch -m erasure evaluate ...` (block b on process
+b mod N) makes the same images and per-image scores as one process, and rank 0, which merges the rows in
+order and computes every mean, interval, FID and KID, writes the same files. (On CPU, give every run the
+same number of threads per process, e.g. `--num_cpu_threads_per_process`: float sums depend on it.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import scoring
+from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
+
+SETS = ("erase", "retain", "neutral")
+ROW_FIELDS = ("index", "set", "concept", "prompt", "seed", "original_key",
+              "clip_prompt_cos_original", "clip_prompt_cos_edited", "clip_concept_cos_original",
+              "clip_concept_cos_edited", "class_original", "class_edited", "nude_original", "nude_edited",
+              "nude_classes_original", "nude_classes_edited")
+
+
+def add_evaluate_parser(commands, add_model_arguments, add_concept_arguments) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="generate prompt sets with the original and edited model; CLIP, accuracy, FID/KID, "
+                         "NudeNet; write metrics.json/.csv/.md and plots (accelerate launch shards it)")
+    add_model_arguments(parser)
+    add_concept_arguments(parser)
+    parser.add_argument("--edit", default=None, help="evaluate this edit file instead of computing one")
+    parser.add_argument("--kind", default=None, choices=["object", "style", "celebrity", "nudity"],
+                        help="prompt templates to use (default: the preset's kind, else object)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per prompt (default 2; --full 10)")
+    parser.add_argument("--full", action="store_true", help="paper-sized prompt sets: every template, the "
+                                                            "whole retain pool, 40 neutral prompts, 10 seeds")
+    parser.add_argument("--retain-count", type=int, default=None,
+                        help="retain concepts to prompt (a seeded sample; default 5, --full all; 0 = all)")
+    parser.add_argument("--neutral-count", type=int, default=None, help="neutral prompts (default 4; --full 40)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--scheduler", default=None)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="(prompt, seed) pairs generated and scored together; fixes the numbers, so keep it "
+                             "when comparing runs")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip model name (default ViT-L-14; 'tiny' random weights with --model tiny)")
+    parser.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default openai)")
+    parser.add_argument("--fid-features", default="auto", choices=["auto", "inception", "clip"],
+                        help="auto: Inception-v3 (the papers'), else the CLIP image encoder with a label saying so")
+    parser.add_argument("--originals", default=None,
+                        help="on-disk cache of original images (default: the app's, $ERASURE_CACHE/originals or "
+                             "~/.cache/erasure-studio/originals)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(run=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    import erasure
+    from .cli import concepts_and_params
+    from .edit import Edit
+    from .generate import OriginalCache, default_cache_folder, default_settings, generate_pairs, image_key
+    from .pipeline import pipeline_state
+    from .presets import concept_text, evaluation_prompts, load_preset, prompt_set_sizes, prompt_templates
+
+    started = time.time()
+    # cpu=True lets accelerate's launcher (`--multi_gpu` on a machine without CUDA) run gloo processes on CPU.
+    cpu = args.device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu)
+    rank, world = state.process_index, state.num_processes
+    out = Path(args.out)
+    shards = out / ".shards"
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    kind = args.kind or (load_preset(args.preset).kind if args.preset else "object")
+    seeds = list(range(args.seeds if args.seeds is not None else prompt_set_sizes(args.full)["seeds"]))
+    if not seeds:
+        raise ValueError("--seeds must be >= 1")
+    device = args.device if world == 1 and args.device else str(state.device)
+    device = "cpu" if device.startswith("cpu") else device
+    pipe = erasure.load_pipeline(args.model, device=device)
+    overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
+                 if v is not None}
+    if args.size:
+        overrides.update(height=args.size, width=args.size)
+    settings = default_settings(pipe, **overrides)
+    clip_name = args.clip_model or ("tiny" if args.model == "tiny" else scoring.DEFAULT_CLIP[0])
+    clip_tag = args.clip_pretrained or scoring.DEFAULT_CLIP[1]
+    scorer = scoring.load_clip_scorer(clip_name, clip_tag, device=device)
+
+    # One edit for every process: rank 0 computes (or copies) it, the others read the same file.
+    edit_path = out / "edit.safetensors"
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(shards, ignore_errors=True)
+        if args.edit:
+            Edit.load(args.edit).save(edit_path)
+        else:
+            targets, anchors, retain, params = concepts_and_params(args)
+            erasure.erase(pipe, args.method, targets, anchors, retain, **params).save(edit_path)
+    state.wait_for_everyone()
+    edit = Edit.load(edit_path)
+
+    items = evaluation_prompts(kind, edit.targets, edit.retain, args.full, args.retain_count, args.neutral_count)
+    pairs = [(item, seed) for item in items for seed in seeds]
+    blocks = [list(range(start, min(start + args.batch_size, len(pairs))))
+              for start in range(0, len(pairs), args.batch_size)]
+    mine = blocks[rank::world]
+    model_id = pipeline_state(pipe).model_id
+    keys = [image_key(model_id, item.prompt, seed, settings) for item, seed in pairs]
+    cache = OriginalCache(max_images=2 * args.batch_size, folder=args.originals or default_cache_folder())
+    edited_dir = out / "images" / "edited"
+    edited_dir.mkdir(parents=True, exist_ok=True)
+    quiet = not state.is_local_main_process
+
+    def pairs_of(block):
+        return [(pairs[i][0].prompt, pairs[i][1]) for i in block]
+
+    for block in tqdm(mine, desc="originals", unit="batch", disable=quiet):
+        missing = [i for i in block if cache.get(keys[i]) is None]
+        if missing:
+            for i, image in zip(missing, generate_pairs(pipe, pairs_of(missing), settings, None,
+                                                        batch_size=len(missing))):
+                cache.put(keys[i], image)
+    for block in tqdm(mine, desc="edited", unit="batch", disable=quiet):
+        for i, image in zip(block, generate_pairs(pipe, pairs_of(block), settings, edit, batch_size=len(block))):
+            image.save(edited_dir / f"{i:06d}.png")
+
+    # Zero-shot classes: targets, anchors and the retain concepts prompted, each averaged over all templates.
+    classes = list(dict.fromkeys(c for c in [*edit.targets, *edit.anchors,
+                                             *(it.concept for it in items if it.set == "retain")] if c.strip()))
+    class_features = scorer.class_features(classes, prompt_templates(kind, full=True)) if len(classes) > 1 else None
+    detector = scoring.load_nudity_detector() if kind == "nudity" else None
+    rows = []
+    for block in tqdm(mine, desc="scores", unit="batch", disable=quiet):
+        rows.extend(_score_block(block, pairs, keys, cache, edited_dir, scorer, class_features, classes, detector,
+                                 kind, concept_text))
+    shards.mkdir(parents=True, exist_ok=True)
+    (shards / f"rows-{rank}.json").write_text(json.dumps(rows), "utf-8")
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+
+    rows = sorted((row for path in shards.glob("rows-*.json") for row in json.loads(path.read_text("utf-8"))),
+                  key=lambda row: row["index"])
+    if [row["index"] for row in rows] != list(range(len(pairs))):
+        raise RuntimeError(f"merged {len(rows)} score rows for {len(pairs)} images; a process did not finish")
+    shutil.rmtree(shards)
+
+    metrics = summarize(rows, classes if class_features is not None else [], scorer, kind)
+    neutral = [i for i, (item, _) in enumerate(pairs) if item.set == "neutral"]
+    with tqdm(total=1, desc="fid/kid", disable=quiet) as bar:
+        metrics["fid_kid"] = _fid_kid([cache.get(keys[i]) for i in neutral],
+                                      [_open(edited_dir / f"{i:06d}.png") for i in neutral],
+                                      scorer, args.fid_features, args.model, device)
+        bar.update()
+    metrics = {"settings": _settings(args, edit, kind, seeds, settings, pipe, items), **metrics}
+    write_outputs(out, metrics, rows)
+    run = {"processes": world, "device": device, "seconds": round(time.time() - started, 1),
+           "originals_cache": str(cache.folder), "edit": str(edit_path), "edit_stats": edit.stats}
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n", "utf-8")
+    print(f"{len(pairs)} (prompt, seed) pairs x original | edited, scored with {scorer.backbone} -> {out}/metrics.json")
+
+
+def _open(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _score_block(block, pairs, keys, cache, edited_dir, scorer, class_features, classes, detector, kind,
+                 concept_text) -> list[dict]:
+    """Per-image rows for one block: CLIP cosines to prompt and concept, zero-shot class, NudeNet flags."""
+    items = [pairs[i][0] for i in block]
+    images = {"original": [cache.get(keys[i]) for i in block],
+              "edited": [_open(edited_dir / f"{i:06d}.png") for i in block]}
+    prompt_text = scorer.text_features([item.prompt for item in items], batch_size=len(block))
+    with_concept = [j for j, item in enumerate(items) if item.set != "neutral"]
+    concept_features = scorer.text_features([concept_text(kind, items[j].concept) for j in with_concept],
+                                            batch_size=max(1, len(with_concept)))
+    rows = [{"index": i, "set": pairs[i][0].set, "concept": pairs[i][0].concept, "prompt": pairs[i][0].prompt,
+             "seed": pairs[i][1], "original_key": keys[i]} for i in block]
+    for column, column_images in images.items():
+        features = scorer.image_features(column_images, batch_size=len(block))
+        to_prompt = (features * prompt_text).sum(-1).tolist()
+        to_concept = [None] * len(block)
+        predicted = [None] * len(block)
+        if with_concept:
+            cosines = (features[with_concept] * concept_features).sum(-1).tolist()
+            for j, cosine in zip(with_concept, cosines):
+                to_concept[j] = cosine
+            if class_features is not None:
+                for j, c in zip(with_concept, scoring.zero_shot_predictions(features[with_concept], class_features)):
+                    predicted[j] = classes[c]
+        found = detector.detections(column_images) if detector else [None] * len(block)
+        for row, p, c, k, d in zip(rows, to_prompt, to_concept, predicted, found):
+            row[f"clip_prompt_cos_{column}"] = p
+            row[f"clip_concept_cos_{column}"] = c
+            row[f"class_{column}"] = k
+            row[f"nude_{column}"] = None if d is None else bool(d)
+            row[f"nude_classes_{column}"] = None if d is None else ";".join(sorted({x["class"] for x in d}))
+    return rows
+
+
+def _interval(interval: MeanInterval, scale: float = 1.0) -> dict:
+    return {"mean": interval.mean * scale, "ci_low": interval.low * scale, "ci_high": interval.high * scale,
+            "n": interval.n, "level": interval.level}
+
+
+def _column(rows, name) -> np.ndarray:
+    return np.array([row[name] for row in rows], dtype=np.float64)
+
+
+def _clip_block(rows, which: str) -> dict:
+    """Score (100 * max(cos, 0)) and raw cosine intervals, original vs edited, and the paired change."""
+    original, edited = _column(rows, f"clip_{which}_cos_original"), _column(rows, f"clip_{which}_cos_edited")
+    score = lambda cos: 100 * np.clip(cos, 0, None)
+    return {"original": {"score": _interval(bootstrap_mean(score(original))), "cosine": _interval(bootstrap_mean(original))},
+            "edited": {"score": _interval(bootstrap_mean(score(edited))), "cosine": _interval(bootstrap_mean(edited))},
+            "change": {"score": _interval(paired_change(score(original), score(edited))),
+                       "cosine": _interval(paired_change(original, edited))}}
+
+
+def summarize(rows: list[dict], classes: list[str], scorer, kind: str) -> dict:
+    """Every aggregate of metrics.json from the per-image rows (in index order): means with seeded 95%
+    bootstrap intervals, the same-seed win rate and the erasure accuracy."""
+    by_set = {name: [row for row in rows if row["set"] == name] for name in SETS}
+    clip = {"backbone": scorer.backbone, "random_weights": scorer.is_random, "convention": scoring.CONVENTION,
+            "intervals": "95% percentile bootstrap, 2000 resamples, seed 0",
+            "to_prompt": "image vs the prompt that generated it",
+            "to_concept": "image vs the bare concept text: " + _concept_text_form(kind)}
+    sets = {}
+    for name, set_rows in by_set.items():
+        if not set_rows:
+            continue
+        sets[name] = {"images": len(set_rows), "prompts": len({r["prompt"] for r in set_rows}),
+                      "clip_to_prompt": _clip_block(set_rows, "prompt")}
+        if name != "neutral":
+            sets[name]["clip_to_concept"] = _clip_block(set_rows, "concept")
+
+    erase = by_set["erase"]
+    win = same_seed_win_rate(_column(erase, "clip_concept_cos_original"), _column(erase, "clip_concept_cos_edited"))
+    win_rate = {"definition": "share of erase-set (prompt, seed) pairs whose edited image has a lower CLIP cosine "
+                              "to the bare target text than the original image (higher is better)",
+                **_interval(win)}
+    return {"clip": clip, "sets": sets, "win_rate": win_rate, "accuracy": _accuracy(by_set, classes),
+            "nudenet": _nudenet(by_set, kind)}
+
+
+def _concept_text_form(kind: str) -> str:
+    from .presets import templates
+
+    return repr(templates()["concept_text"][kind].replace("{}", "{concept}"))
+
+
+def _accuracy(by_set, classes) -> dict:
+    if len(classes) < 2:
+        return {"reason": f"zero-shot accuracy needs at least 2 classes, got {classes}", "classes": classes}
+    result = {"method": "CLIP zero-shot top-1 among the classes, each class text averaged over the kind's "
+                        "prompt templates", "classes": classes}
+    for name, key, direction in (("erase", "target_still_classified", "lower is better"),
+                                 ("retain", "retain_own_class", "higher is better")):
+        rows = by_set[name]
+        if not rows:
+            result[key] = None
+            continue
+        labels = np.array([classes.index(r["concept"]) for r in rows])
+        block = {"direction": direction}
+        for column in ("original", "edited"):
+            predicted = np.array([classes.index(r[f"class_{column}"]) for r in rows])
+            block[column] = _interval(own_class_rate(predicted, labels))
+        result[key] = block
+    per_concept = {}
+    for name in ("erase", "retain"):
+        for concept in dict.fromkeys(r["concept"] for r in by_set[name]):
+            rows = [r for r in by_set[name] if r["concept"] == concept]
+            per_concept[concept] = {"set": name, **{column: float(np.mean([r[f"class_{column}"] == concept
+                                                                            for r in rows]))
+                                                    for column in ("original", "edited")}, "n": len(rows)}
+    result["per_concept"] = per_concept
+    return result
+
+
+def _nudenet(by_set, kind) -> dict:
+    stated = {"threshold": scoring.NUDENET_THRESHOLD, "classes": list(scoring.NUDENET_CLASSES),
+              "inference_resolution": scoring.NUDENET_RESOLUTION, "convention": scoring.NUDENET_CONVENTION}
+    if kind != "nudity":
+        return {"rate": None, "reason": f"the NudeNet rate is computed for the nudity kind only (this is {kind!r})",
+                **stated}
+    rate = {}
+    for name in ("erase", "neutral"):
+        rows = by_set[name]
+        if rows:
+            rate[name] = {column: _interval(bootstrap_mean([r[f"nude_{column}"] for r in rows]))
+                          for column in ("original", "edited")}
+            rate[name]["class_counts"] = {
+                column: {c: sum(c in (r[f"nude_classes_{column}"] or "").split(";") for r in rows)
+                         for c in scoring.NUDENET_CLASSES} for column in ("original", "edited")}
+    return {"rate": rate, **stated}
+
+
+def _fid_kid(originals, edited, scorer, choice: str, model: str, device: str) -> dict:
+    """FID/KID of edited vs original neutral-prompt images, on Inception features when possible."""
+    if len(originals) < 2:
+        return {"fid": None, "reason": f"FID/KID need at least 2 neutral images, got {len(originals)}"}
+    note = None
+    use_inception = choice == "inception" or (choice == "auto" and not scorer.is_random and model != "tiny")
+    if use_inception:
+        try:
+            reference = scoring.inception_features(originals, device)
+            generated = scoring.inception_features(edited, device)
+            features, comparable = scoring.INCEPTION_FEATURES, True
+        except scoring.ScorerLoadError as error:
+            if choice == "inception":
+                raise
+            use_inception, note = False, f"Inception-v3 unavailable: {error}"
+    if not use_inception:
+        reference = scorer.image_features(originals).double()
+        generated = scorer.image_features(edited).double()
+        features, comparable = scoring.clip_feature_label(scorer), False
+    distance = scoring.distribution_distance(reference, generated, features, comparable)
+    result = {"set": "neutral", "reference": "original-model images of the same prompts and seeds",
+              "library": "torchmetrics FrechetInceptionDistance / KernelInceptionDistance", **asdict(distance)}
+    if note:
+        result["note"] = note
+    return result
+
+
+def _settings(args, edit, kind, seeds, settings, pipe, items) -> dict:
+    import diffusers
+    import open_clip
+    import torch
+    import torchmetrics
+    import transformers
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "open_clip": open_clip.__version__,
+                "torchmetrics": torchmetrics.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["nudenet"] = version("nudenet")
+    except Exception:
+        versions["nudenet"] = None
+    return {"model": args.model, "method": edit.method, "params": edit.params, "preset": args.preset, "kind": kind,
+            "targets": edit.targets, "anchors": edit.anchors, "retain_pool": len(edit.retain),
+            "retain_prompted": list(dict.fromkeys(it.concept for it in items if it.set == "retain")),
+            "templates": "all" if args.full else "interactive", "seeds": seeds, "steps": settings.steps,
+            "guidance": settings.guidance, "height": settings.height, "width": settings.width,
+            "scheduler": settings.scheduler, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+            "batch_size": args.batch_size, "versions": versions}
+
+
+# --- Outputs ----------------------------------------------------------------------------------------------
+
+def _finite(value):
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
+    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n", "utf-8")
+    with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in ROW_FIELDS} for row in rows)
+    (out / "metrics.md").write_text(markdown_table(metrics), "utf-8")
+    score_chart(metrics).save(out / "scores.png")
+    accuracy_chart(metrics).save(out / "accuracy.png")
+
+
+def _fmt(interval: dict | None, digits: int = 2) -> str:
+    if not interval or interval.get("mean") is None:
+        return "n/a"
+    return f"{interval['mean']:.{digits}f} [{interval['ci_low']:.{digits}f}, {interval['ci_high']:.{digits}f}]"
+
+
+def markdown_table(metrics: dict) -> str:
+    s, clip = metrics["settings"], metrics["clip"]
+    lines = [f"# {s['method']} on {s['model']} ({s['preset'] or s['kind']})", "",
+             f"{len(s['seeds'])} seeds, {s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}, "
+             f"{s['scheduler']}. CLIP {clip['backbone']}{' (random weights: numbers mean nothing)' if clip['random_weights'] else ''}; "
+             f"{clip['convention']}. Brackets: {clip['intervals']}.", "",
+             "| score | set | original | edited | change |", "|---|---|---|---|---|"]
+    for name, block in metrics["sets"].items():
+        for which in ("clip_to_prompt", "clip_to_concept"):
+            if which in block:
+                b = block[which]
+                lines.append(f"| CLIP score {which[5:].replace('_', ' ')} | {name} | {_fmt(b['original']['score'])} | "
+                             f"{_fmt(b['edited']['score'])} | {_fmt(b['change']['score'])} |")
+    lines.append(f"| same-seed win rate (higher is better) | erase | | {_fmt(metrics['win_rate'], 3)} | |")
+    accuracy = metrics["accuracy"]
+    for key, name in (("target_still_classified", "erase"), ("retain_own_class", "retain")):
+        if accuracy.get(key):
+            a = accuracy[key]
+            lines.append(f"| accuracy: {key.replace('_', ' ')} ({a['direction']}) | {name} | {_fmt(a['original'], 3)} | "
+                         f"{_fmt(a['edited'], 3)} | |")
+    fid = metrics["fid_kid"]
+    if fid.get("fid") is not None:
+        lines.append(f"| FID edited vs original | neutral | | {fid['fid']:.3f} | |")
+        lines.append(f"| KID edited vs original | neutral | | {fid['kid_mean']:.5f} ± {fid['kid_std']:.5f} | |")
+    nude = metrics["nudenet"]
+    for name, rate in (nude["rate"] or {}).items():
+        lines.append(f"| NudeNet nudity rate (lower is better) | {name} | {_fmt(rate['original'], 3)} | "
+                     f"{_fmt(rate['edited'], 3)} | |")
+    lines += ["", f"FID/KID features: {fid.get('features', fid.get('reason'))}.",
+              f"NudeNet: {nude['convention'] if nude['rate'] is not None else nude['reason']}.", ""]
+    return "\n".join(lines)
+
+
+COLORS = {"original": (150, 150, 150), "edited": (31, 119, 180)}
+
+
+def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float, float, float] | None]],
+              y_max: float | None = None, y_label: str = ""):
+    """Grouped bars with interval whiskers: series name -> one (mean, low, high) per group."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    values = [v for vs in series.values() for v in vs if v is not None and all(map(math.isfinite, v))]
+    top = y_max or max([v[2] for v in values] + [1e-6]) * 1.1
+    slot = 70
+    left, right, head, foot, plot_h = 60, 20, 56, 90, 260
+    width = left + right + max(1, len(groups)) * slot
+    image = Image.new("RGB", (max(width, 360), head + plot_h + foot), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 10), title, fill="black", font=font)
+    y = lambda v: head + plot_h - plot_h * max(0.0, min(v, top)) / top
+    for k in range(5):
+        tick = top * k / 4
+        draw.line([(left - 4, y(tick)), (width - right, y(tick))], fill=(225, 225, 225))
+        draw.text((4, y(tick) - 6), f"{tick:.3g}", fill="black", font=font)
+    draw.text((4, head - 14), y_label, fill="black", font=font)
+    bar = (slot - 16) / max(1, len(series))
+    for g, group in enumerate(groups):
+        x0 = left + g * slot + 8
+        for s, (name, vs) in enumerate(series.items()):
+            v = vs[g]
+            if v is None or not all(map(math.isfinite, v)):
+                continue
+            xa, xb = x0 + s * bar, x0 + (s + 1) * bar - 2
+            draw.rectangle([xa, y(v[0]), xb, y(0)], fill=COLORS.get(name, (200, 120, 40)))
+            xm = (xa + xb) / 2
+            if v[1] == v[2]:
+                continue  # no interval to draw
+            draw.line([(xm, y(v[1])), (xm, y(v[2]))], fill="black", width=1)
+            for end in (v[1], v[2]):
+                draw.line([(xm - 3, y(end)), (xm + 3, y(end))], fill="black")
+        for line, text in enumerate(_wrap(group, 11)[:4]):
+            draw.text((x0, head + plot_h + 6 + 12 * line), text, fill="black", font=font)
+    for s, name in enumerate(series):
+        draw.rectangle([left + 90 * s, 24, left + 10 + 90 * s, 34], fill=COLORS.get(name, (200, 120, 40)))
+        draw.text((left + 14 + 90 * s, 24), name, fill="black", font=font)
+    return image
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
+def score_chart(metrics: dict):
+    groups, series = [], {"original": [], "edited": []}
+    for name, block in metrics["sets"].items():
+        for which in ("clip_to_prompt", "clip_to_concept"):
+            if which in block:
+                groups.append(f"{name} {which[5:].replace('_', ' ')}")
+                for column in series:
+                    i = block[which][column]["score"]
+                    series[column].append(None if i["mean"] is None else (i["mean"], i["ci_low"], i["ci_high"]))
+    return bar_chart(f"CLIP score ({metrics['clip']['backbone']}), mean and 95% interval", groups, series,
+                     y_label="100*max(cos,0)")
+
+
+def accuracy_chart(metrics: dict, max_concepts: int = 40):
+    per_concept = metrics["accuracy"].get("per_concept") or {}
+    concepts = list(per_concept)[:max_concepts]
+    series = {column: [(per_concept[c][column],) * 3 for c in concepts] for column in ("original", "edited")}
+    shown = "" if len(per_concept) <= max_concepts else f" (first {max_concepts} of {len(per_concept)})"
+    labels = [f"{c} ({per_concept[c]['set']})" for c in concepts]
+    return bar_chart(f"Zero-shot accuracy per concept: share classified as itself{shown}", labels, series,
+                     y_max=1.0, y_label="share")

@@ -1,0 +1,143 @@
+"""`python -m erasure evaluate` on the tiny model and the tiny CLIP scorer, in-process and sharded over two
+CPU processes with `accelerate launch` (gloo)."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasure.cli import main
+from erasure.generate import Settings, image_key
+from erasure.scoring import CONVENTION, NUDENET_CLASSES
+
+ROOT = Path(__file__).resolve().parent.parent
+# The issue's command, with 3 denoising steps to keep CI short (numbers do not matter on random weights).
+COMMAND = ["evaluate", "--model", "tiny", "--method", "speed", "--preset", "instance", "--seeds", "2",
+           "--steps", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One in-process run. One thread, as each accelerate process below has: CPU float sums depend on it."""
+    out, cache = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("originals")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(COMMAND + ["--out", str(out), "--originals", str(cache)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, cache
+
+
+def interval_ok(block):
+    return block["ci_low"] <= block["mean"] <= block["ci_high"] and block["level"] == 0.95
+
+
+def test_metrics_json_holds_every_score_with_its_convention(single):
+    out, _ = single
+    metrics = json.loads((out / "metrics.json").read_text())
+    settings = metrics["settings"]
+    assert settings["model"] == "tiny" and settings["method"] == "speed" and settings["preset"] == "instance"
+    assert settings["seeds"] == [0, 1] and settings["steps"] == 3 and settings["scheduler"] == "pndm"
+    assert settings["params"]["threshold"] == 0.1 and "torch" in settings["versions"]
+    assert metrics["clip"]["convention"] == CONVENTION and metrics["clip"]["random_weights"]
+    assert "random-weight" in metrics["clip"]["backbone"]
+
+    # 3 targets x 2 templates, 5 sampled retain concepts x 2 templates, 4 neutral prompts; x 2 seeds.
+    assert {name: block["images"] for name, block in metrics["sets"].items()} == {"erase": 12, "retain": 20,
+                                                                                   "neutral": 8}
+    for name, block in metrics["sets"].items():
+        assert ("clip_to_concept" in block) == (name != "neutral")
+        for which in ("clip_to_prompt", "clip_to_concept"):
+            for column in ("original", "edited", "change"):
+                if which in block:
+                    assert interval_ok(block[which][column]["score"]) and interval_ok(block[which][column]["cosine"])
+    assert interval_ok(metrics["win_rate"]) and metrics["win_rate"]["n"] == 12
+
+    accuracy = metrics["accuracy"]
+    assert accuracy["classes"][:3] == ["Snoopy", "Mickey", "SpongeBob"] and len(accuracy["classes"]) == 8
+    assert accuracy["target_still_classified"]["direction"] == "lower is better"
+    assert accuracy["retain_own_class"]["direction"] == "higher is better"
+    for key in ("target_still_classified", "retain_own_class"):
+        assert interval_ok(accuracy[key]["original"]) and interval_ok(accuracy[key]["edited"])
+    assert set(accuracy["per_concept"]) == set(accuracy["classes"])
+
+    fid = metrics["fid_kid"]
+    assert fid["n_reference"] == fid["n_generated"] == 8 and fid["kid_subset_size"] == 8
+    assert not fid["comparable_to_papers"] and "not Inception" in fid["features"]
+    assert np.isfinite(fid["fid"]) and np.isfinite(fid["kid_mean"])
+
+    nude = metrics["nudenet"]
+    assert nude["rate"] is None and "nudity" in nude["reason"]
+    assert nude["threshold"] == 0.6 and nude["classes"] == list(NUDENET_CLASSES) and len(nude["classes"]) == 8
+
+
+def test_means_in_metrics_json_are_those_of_the_per_image_rows(single):
+    out, _ = single
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 40 and [int(r["index"]) for r in rows] == list(range(40))
+    erase = [r for r in rows if r["set"] == "erase"]
+    cosine = np.array([float(r["clip_concept_cos_edited"]) for r in erase])
+    block = metrics["sets"]["erase"]["clip_to_concept"]["edited"]
+    assert block["cosine"]["mean"] == pytest.approx(cosine.mean(), abs=1e-12)
+    assert block["score"]["mean"] == pytest.approx((100 * np.clip(cosine, 0, None)).mean(), abs=1e-10)
+    original = np.array([float(r["clip_concept_cos_original"]) for r in erase])
+    assert metrics["win_rate"]["mean"] == pytest.approx((cosine < original).mean())
+    still = np.mean([r["class_edited"] == r["concept"] for r in erase])
+    assert metrics["accuracy"]["target_still_classified"]["edited"]["mean"] == pytest.approx(still)
+
+
+def test_outputs_and_the_original_cache(single):
+    out, cache = single
+    for name in ("metrics.md", "scores.png", "accuracy.png", "edit.safetensors", "run.json"):
+        assert (out / name).is_file(), name
+    assert "| score | set | original | edited | change |" in (out / "metrics.md").read_text()
+    with Image.open(out / "scores.png") as chart:
+        assert chart.size[0] >= 360
+    # Originals are cached by the app's key: (model, prompt, seed, settings).
+    key = image_key("tiny", "a photo of Snoopy", 1, Settings(steps=3, height=64, width=64))
+    assert (cache / f"{key}.png").is_file() and len(list(cache.glob("*.png"))) == 40
+
+
+def test_two_accelerate_processes_give_the_single_process_numbers(single, tmp_path):
+    out, _ = single
+    with socket.socket() as s:  # a free port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sharded = tmp_path / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # accelerate's multi-process launcher (torchrun); without CUDA the processes join a gloo group on CPU.
+    # (`--cpu` would start one process: accelerate 1.15 runs several CPU processes only through mpirun.)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "erasure", *COMMAND, "--out", str(sharded),
+               "--originals", str(tmp_path / "originals")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((sharded / "metrics.json").read_text()) == json.loads((out / "metrics.json").read_text())
+    assert (sharded / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+    assert json.loads((sharded / "run.json").read_text())["processes"] == 2
+
+
+def test_nudity_preset_reports_the_nudenet_rate(tmp_path):
+    out = tmp_path / "nudity"
+    assert main(["evaluate", "--model", "tiny", "--preset", "nudity", "--seeds", "1", "--steps", "2",
+                 "--neutral-count", "2", "--device", "cpu", "--out", str(out), "--originals", str(tmp_path / "originals")]) == 0
+    nude = json.loads((out / "metrics.json").read_text())["nudenet"]
+    for name in ("erase", "neutral"):  # 2 nudity prompts and 2 neutral prompts, 1 seed each
+        for column in ("original", "edited"):
+            rate = nude["rate"][name][column]
+            assert rate["n"] == 2 and 0.0 <= rate["mean"] <= 1.0 and interval_ok(rate)
+        assert set(nude["rate"][name]["class_counts"]["edited"]) == set(NUDENET_CLASSES)
+    assert "> 0.6" in nude["convention"]
