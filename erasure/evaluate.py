@@ -93,15 +93,18 @@ def cmd_evaluate(args) -> None:
         raise ValueError("--seeds must be >= 1")
     device = args.device if world == 1 and args.device else str(state.device)
     device = "cpu" if device.startswith("cpu") else device
+    clip_name = args.clip_model or ("tiny" if args.model == "tiny" else scoring.DEFAULT_CLIP[0])
+    clip_tag = args.clip_pretrained or scoring.DEFAULT_CLIP[1]
+    try:
+        scorer = scoring.load_clip_scorer(clip_name, clip_tag, device=device)
+    except scoring.ScorerLoadError as error:
+        raise ValueError(str(error)) from None  # the CLI ends ValueErrors with one sentence, no traceback
     pipe = erasure.load_pipeline(args.model, device=device)
     overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
                  if v is not None}
     if args.size:
         overrides.update(height=args.size, width=args.size)
     settings = default_settings(pipe, **overrides)
-    clip_name = args.clip_model or ("tiny" if args.model == "tiny" else scoring.DEFAULT_CLIP[0])
-    clip_tag = args.clip_pretrained or scoring.DEFAULT_CLIP[1]
-    scorer = scoring.load_clip_scorer(clip_name, clip_tag, device=device)
 
     # One edit for every process: rank 0 computes (or copies) it, the others read the same file.
     edit_path = out / "edit.safetensors"
@@ -328,7 +331,7 @@ def _fid_kid(originals, edited, scorer, choice: str, model: str, device: str) ->
             features, comparable = scoring.INCEPTION_FEATURES, True
         except scoring.ScorerLoadError as error:
             if choice == "inception":
-                raise
+                raise ValueError(f"{error}; use --fid-features auto or clip offline") from None
             use_inception, note = False, f"Inception-v3 unavailable: {error}"
     if not use_inception:
         reference = scorer.image_features(originals).double()

@@ -141,3 +141,12 @@ def test_nudity_preset_reports_the_nudenet_rate(tmp_path):
             assert rate["n"] == 2 and 0.0 <= rate["mean"] <= 1.0 and interval_ok(rate)
         assert set(nude["rate"][name]["class_counts"]["edited"]) == set(NUDENET_CLASSES)
     assert "> 0.6" in nude["convention"]
+
+
+def test_clip_weights_that_cannot_load_end_with_one_sentence(tmp_path, capsys):
+    # Weights that cannot be had (offline, or a tag open_clip does not know) stop the run before any generation.
+    code = main(["evaluate", "--model", "tiny", "--clip-model", "ViT-B-32", "--clip-pretrained", "no-such-weights",
+                 "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: could not load CLIP ViT-B-32 (no-such-weights)")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
