@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .methods import METHODS
 from .pipeline import ModelLoadError
+from .scoring import ScorerLoadError
 from .text import split_concepts
 
 
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("default")
     try:
         args.run(args)
-    except (ValueError, OSError, ModelLoadError) as error:
+    except (ValueError, OSError, ModelLoadError, ScorerLoadError) as error:
         # User errors (bad concepts, parameters, files, models) end with one sentence, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
