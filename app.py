@@ -25,7 +25,7 @@ import gradio as gr
 import pandas as pd
 
 import erasure
-from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, Limits, caption, parse_seeds, prompt_lines,
+from erasure.compare import (GROUPS, ComparisonPrompts, Limits, caption, parse_seeds, prompt_lines,
                              run_comparison, run_record, suggest_prompts, summary_rows)
 from erasure.edit import check_applicable
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
@@ -338,8 +338,10 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                     size = gr.Slider(64, limits.max_side, value=defaults.height, step=64, label="Size (px)")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
                                             min_width=100)
-                compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
-                                            elem_id="compared")
+                with gr.Row(equal_height=True):
+                    compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
+                                                elem_id="compared", scale=5)
+                    clear_button = gr.Button("Forget edits", size="sm", scale=1, min_width=100)
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -375,6 +377,8 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                               [erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
                                targets, session],
                               [*galleries, summary, plot, run_file, status], api_name="generate", **gpu)
+        clear_button.click(studio.clear_edits, [session], [session, compared, edit_summary], api_name="clear_edits",
+                           queue=False)
         cancel_button.click(studio.cancel, None, [status], api_name="cancel", queue=False)
     return demo
 

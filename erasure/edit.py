@@ -209,7 +209,7 @@ def check_applicable(pipe, edit: Edit) -> None:
     """Raise EditMismatchError unless `edit` was made for this pipeline's base weights (checked
     without applying it, e.g. when an edit file is uploaded)."""
     state = pipeline_state(pipe)
-    with state.lock:  # the base tensors are only stable to read while no other thread is swapping an edit in
+    with state.lock:  # another thread may be writing an edit in; under the lock the base tensors read consistently
         _check_applicable(state, edit)
 
 

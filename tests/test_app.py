@@ -74,7 +74,7 @@ def test_every_event_has_an_api_name(server):
     demo = app.build_demo(server[0])
     names = [fn.api_name for fn in demo.fns.values()]
     assert names and all(names), names
-    assert {"erase", "generate", "cancel", "upload_edit", "load_preset", "suggest_prompts"} <= set(names)
+    assert {"erase", "generate", "cancel", "upload_edit", "clear_edits", "load_preset", "suggest_prompts"} <= set(names)
 
 
 def test_erase_then_generate_gives_a_captioned_same_seed_grid_and_run_record(pipe, client, untouched):
@@ -245,11 +245,14 @@ def test_unknown_preset_is_refused_and_a_known_one_fills_concepts_and_parameters
     assert keep_prompts.splitlines()[0] == "a painting in the style of Monet"
 
 
-def test_uploaded_edit_joins_the_session_and_bad_uploads_are_refused(pipe, client, tmp_path, untouched):
+def test_uploaded_edit_joins_the_session_and_bad_uploads_are_refused(pipe, server, client, tmp_path, untouched):
     _, _, edit_file = erase(client, "Snoopy", method="speed")
     fresh = Client(client.src, verbose=False)
     compared, report, _ = fresh.predict(handle_file(edit_file), api_name="/upload_edit")
     assert compared["value"] == ["#1 SPEED: Snoopy"] and "Loaded" in report
+    held = len(server[0].edits)
+    assert fresh.predict(api_name="/clear_edits")[0]["choices"] == []
+    assert len(server[0].edits) == held - 1  # forgetting frees the server-side tensors
 
     pickle_file = tmp_path / "edit.pt"
     pickle_file.write_bytes(b"not a pickle")

@@ -52,12 +52,12 @@ def test_limits_name_the_cap_that_was_hit():
 def test_comparison_scores_each_image_against_its_own_row(pipe, untouched):
     scorer = load_clip_scorer("tiny")
     edit = erasure.erase(pipe, "uce", ["Snoopy"], [""], ["Mickey"])
-    prompts = ComparisonPrompts(("a photo of Snoopy",), ("a photo of Mickey", "a red car"))
+    prompts = ComparisonPrompts(("a photo of Snoopy",), ("a photo of Mickey",))
     comparison = run_comparison(pipe, scorer, prompts, [0, 1], SETTINGS, {"uce": edit}, ["Snoopy"], "object",
                                 OriginalCache())
     rows = comparison.rows()
-    assert [(g, p) for g, p, _ in rows][::2] == [("erase", "a photo of Snoopy"), ("keep", "a photo of Mickey"),
-                                                 ("keep", "a red car")]
+    assert [(g, p, s) for g, p, s in rows] == [("erase", "a photo of Snoopy", 0), ("erase", "a photo of Snoopy", 1),
+                                               ("keep", "a photo of Mickey", 0), ("keep", "a photo of Mickey", 1)]
     # Scoring one image alone with the scorer's own pairwise API gives the same number (float32 features).
     i = 3  # "a photo of Mickey", seed 1
     alone = scorer.scores([comparison.images["uce"][i]], [rows[i][1]]).score[0]
@@ -68,7 +68,7 @@ def test_comparison_scores_each_image_against_its_own_row(pipe, untouched):
     summary = summary_rows(comparison)
     assert [(r["group"], r["column"], r["n"]) for r in summary] == [
         ("should be erased", ORIGINAL, 2), ("should be erased", "uce", 2),
-        ("should be kept", ORIGINAL, 4), ("should be kept", "uce", 4)]
+        ("should be kept", ORIGINAL, 2), ("should be kept", "uce", 2)]
     kept_original = comparison.prompt_scores[ORIGINAL].score[2:]
     assert summary[2]["mean"] == pytest.approx(np.mean(kept_original), abs=1e-9)
     assert summary[3]["change"] == pytest.approx(summary[3]["mean"] - summary[2]["mean"], abs=1e-9)
