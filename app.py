@@ -64,11 +64,11 @@ class Studio:
     A session's gr.State is a list of {"id", "label"} of its edits; the tensors stay in `self.edits`.
     """
 
-    def __init__(self, pipe, scorer, limits: Limits = Limits(), notice: str = ""):
+    def __init__(self, pipe, scorer, limits: Limits = Limits(), notice: str = "", originals_folder=None):
         self.pipe, self.scorer, self.limits, self.notice = pipe, scorer, limits, notice
         self.model_id = pipeline_state(pipe).model_id
         self.edits = EditStore()
-        self.originals = OriginalCache(max_images=512)
+        self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
         self.files = Path(tempfile.mkdtemp(prefix="erasure-studio-"))
         steps = RANDOM_MODEL_STEPS if self.model_id in RANDOM_MODELS else Settings.steps
@@ -417,9 +417,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--max-images", type=int, default=Limits.max_images,
                         help="cap on prompts x seeds per generation (raise it on a private GPU machine)")
+    parser.add_argument("--originals", default=None, metavar="DIR",
+                        help="also keep original images on disk here, shared with `python -m erasure evaluate "
+                             "--originals DIR` (same keys); default: memory only")
     args = parser.parse_args(argv)
     pipe, scorer, notice = load_models(args.model, args.device)
-    studio = Studio(pipe, scorer, Limits(max_images=args.max_images), notice)
+    studio = Studio(pipe, scorer, Limits(max_images=args.max_images), notice, originals_folder=args.originals)
     launch(build_demo(studio))
 
 
