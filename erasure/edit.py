@@ -153,10 +153,16 @@ def _to(x, device):
     return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
 
 
+STATS_ROWS = 128  # retain rows the per-layer drift is averaged over: a report, not a guarantee, so keep it cheap
+
+
 def _layer_stats(old: dict, new: dict, rows) -> dict[str, dict[str, float]]:
     """Per layer: relative weight change, how far targets are from their anchors' outputs
-    (‖W't − Wa‖/‖Wa‖), and retain drift (‖(W'−W)r‖/‖Wr‖), all means over rows."""
+    (‖W't − Wa‖/‖Wa‖), and retain drift (‖(W'−W)r‖/‖Wr‖) over up to STATS_ROWS evenly spaced retain rows."""
     targets, anchors = torch.cat(rows.targets), torch.cat(rows.anchors)
+    retain = rows.retain
+    if len(retain) > STATS_ROWS:
+        retain = retain[torch.linspace(0, len(retain) - 1, STATS_ROWS).long().to(retain.device)]
     out = {}
     for name, w in old.items():
         delta = new[name] - w
@@ -164,9 +170,9 @@ def _layer_stats(old: dict, new: dict, rows) -> dict[str, dict[str, float]]:
         stats = {"relative_change": float(delta.norm() / w.norm()),
                  "target_residual": float(((targets @ new[name].T - goal).norm(dim=1)
                                            / goal.norm(dim=1).clamp_min(1e-12)).mean())}
-        if rows.retain.numel():
-            stats["retain_drift"] = float(((rows.retain @ delta.T).norm(dim=1)
-                                           / (rows.retain @ w.T).norm(dim=1).clamp_min(1e-12)).mean())
+        if retain.numel():
+            stats["retain_drift"] = float(((retain @ delta.T).norm(dim=1)
+                                           / (retain @ w.T).norm(dim=1).clamp_min(1e-12)).mean())
         out[name] = stats
     return out
 

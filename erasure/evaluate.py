@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scoring
+from .generate import wrap_words
 from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
 
 SETS = ("erase", "retain", "neutral")
@@ -471,23 +472,12 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float,
             draw.line([(xm, y(v[1])), (xm, y(v[2]))], fill="black", width=1)
             for end in (v[1], v[2]):
                 draw.line([(xm - 3, y(end)), (xm + 3, y(end))], fill="black")
-        for line, text in enumerate(_wrap(group, 11)[:4]):
+        for line, text in enumerate(wrap_words(group, 11)[:4]):
             draw.text((x0, head + plot_h + 6 + 12 * line), text, fill="black", font=font)
     for s, name in enumerate(series):
         draw.rectangle([left + 90 * s, 24, left + 10 + 90 * s, 34], fill=COLORS.get(name, (200, 120, 40)))
         draw.text((left + 14 + 90 * s, 24), name, fill="black", font=font)
     return image
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
 
 
 def score_chart(metrics: dict):

@@ -195,7 +195,7 @@ def comparison_grid(row_labels: Sequence[str], column_titles: Sequence[str],
         draw.text((label_width + j * cell + 6, 5), title, fill="black", font=font)
     for i, label in enumerate(row_labels):
         top = title_height + i * (cell + caption_height)
-        draw.multiline_text((6, top + 6), _wrap(label, 32), fill="black", font=font)
+        draw.multiline_text((6, top + 6), "\n".join(wrap_words(label, 32)), fill="black", font=font)
         for j, column in enumerate(columns):
             grid.paste(column[i].convert("RGB").resize((cell, cell), Image.NEAREST), (label_width + j * cell, top))
             if captions:
@@ -203,7 +203,8 @@ def comparison_grid(row_labels: Sequence[str], column_titles: Sequence[str],
     return grid
 
 
-def _wrap(text: str, width: int) -> str:
+def wrap_words(text: str, width: int) -> list[str]:
+    """Greedy word wrap into lines of at most `width` characters (a longer word gets its own line)."""
     lines, line = [], ""
     for word in text.split():
         if line and len(line) + 1 + len(word) > width:
@@ -211,4 +212,4 @@ def _wrap(text: str, width: int) -> str:
             line = word
         else:
             line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+    return lines + [line]

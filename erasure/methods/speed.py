@@ -25,8 +25,8 @@ import torch
 
 from . import ConceptRows, Method, concept_rows, param, register
 
-_LEAST_GAIN: dict[tuple, torch.Tensor] = {}
-_LEAST_GAIN_LOCK = threading.Lock()
+LEAST_GAIN_CACHE: dict[tuple, torch.Tensor] = {}
+LEAST_GAIN_LOCK = threading.Lock()
 CHUNK = 128  # the reference's chunk: DPA's filter mean is taken per chunk of the shuffled retain rows
 KMEANS_CLUSTERS = 3
 
@@ -74,8 +74,8 @@ def least_gain_direction(w: torch.Tensor) -> torch.Tensor:
     tensor's bytes: a second edit of the same pipeline skips these eigendecompositions (half SPEED's time).
     """
     key = (tuple(w.shape), hashlib.blake2b(w.detach().cpu().numpy().tobytes(), digest_size=20).digest())
-    with _LEAST_GAIN_LOCK:
-        cached = _LEAST_GAIN.get(key)
+    with LEAST_GAIN_LOCK:
+        cached = LEAST_GAIN_CACHE.get(key)
     if cached is not None:
         return cached.to(w.device)
     if w.shape[0] < w.shape[1]:
@@ -84,10 +84,10 @@ def least_gain_direction(w: torch.Tensor) -> torch.Tensor:
         v = v / v.norm()
     else:
         v = torch.linalg.eigh(w.T @ w).eigenvectors[:, 0]
-    with _LEAST_GAIN_LOCK:
-        _LEAST_GAIN[key] = v
-        while len(_LEAST_GAIN) > 512:
-            _LEAST_GAIN.pop(next(iter(_LEAST_GAIN)))
+    with LEAST_GAIN_LOCK:
+        LEAST_GAIN_CACHE[key] = v
+        while len(LEAST_GAIN_CACHE) > 512:
+            LEAST_GAIN_CACHE.pop(next(iter(LEAST_GAIN_CACHE)))
     return v
 
 
