@@ -142,3 +142,15 @@ def test_speed_drops_retain_texts_naming_a_target(pipe):
     assert edit.retain == ["Mickey Haller", "Minnie Mouse", "Goofy"]  # kept as given; dropped from the rows
     from erasure.methods.speed import retain_texts_without_targets
     assert retain_texts_without_targets(edit.retain, ["Mickey"]) == ["Minnie Mouse", "Goofy"]
+
+
+def test_thin_qr_is_exact_and_falls_back_on_dependent_columns():
+    from erasure.methods.speed import thin_qr
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 40, generator=generator, dtype=torch.float64)
+    nearly_dependent = torch.cat([x, x[:, :1] + 1e-13 * x[:, 1:2]], dim=1)  # Cholesky of xᵀx breaks down
+    for matrix in (x, nearly_dependent):
+        q, r = thin_qr(matrix)
+        assert torch.allclose(q @ r, matrix, atol=1e-12)
+        assert (q.T @ q - torch.eye(q.shape[1], dtype=torch.float64)).abs().max() <= 1e-12
