@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -23,7 +24,8 @@ def _peak_memory_gib(device: str) -> float:
 
 
 def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=None, json_path=None,
-              model: str = "sd14-random") -> list[dict]:
+              model: str = "sd14-random", repeats: int = 3) -> list[dict]:
+    """Median over `repeats` of each timing, per method and number of target concepts."""
     start = time.perf_counter()
     pipe = load_pipeline(model, device=device)
     device = str(pipe.device)
@@ -33,27 +35,16 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
     retain = list(load_preset("instance").retain)[: 600]
     results = []
     for method in methods or sorted(METHODS):
-        # warm-up of kernels and allocator only: caches are cleared below
+        # warm-up of kernels and allocator only: caches are cleared before every timed first edit
         erase(pipe, method, targets=pool[:1], anchors=[""], retain=retain[:8])
         for n in concept_counts:
             targets = [t for t in pool if t not in retain][:n]
-            # First edit on a fresh pipeline: every concept encoded, SPEED's per-weight DPA directions computed.
-            pipeline_state(pipe).text_cache.clear()
-            LEAST_GAIN_CACHE.clear()
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            edit = erase(pipe, method, targets=targets, anchors=[""], retain=retain)
-            total = time.perf_counter() - t0
-            # The next edit on the same pipeline and concepts (say, after changing a parameter in the app):
-            # embeddings and SPEED's directions are reused.
-            t1 = time.perf_counter()
-            again = erase(pipe, method, targets=targets, anchors=[""], retain=retain)
-            total_again = time.perf_counter() - t1
-            results.append({"method": method, "concepts": len(targets), "retain": len(edit.retain),
-                            "matrices": len(edit.weights), "encode_s": edit.stats["encode_seconds"],
-                            "solve_s": edit.stats["solve_seconds"], "total_s": total,
-                            "next_solve_s": again.stats["solve_seconds"], "next_total_s": total_again,
+            runs = [_time_first_and_next_edit(pipe, method, targets, retain) for _ in range(repeats)]
+            row = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key.endswith("_s")}
+            results.append({"method": method, "concepts": len(targets), "retain": runs[0]["retain"],
+                            "matrices": runs[0]["matrices"], **row, "repeats": repeats,
                             "peak_memory_gib": _peak_memory_gib(device), "device": device,
                             "dtype": str(pipe.unet.dtype).replace("torch.", "")})
             print_row(results[-1], header=len(results) == 1)
@@ -68,6 +59,21 @@ COLUMNS = [("method", "method", "<7", ""), ("concepts", "concepts", ">8", ""), (
            ("matrices", "matrices", ">8", ""), ("encode s", "encode_s", ">8", ".3f"), ("solve s", "solve_s", ">8", ".3f"),
            ("total s", "total_s", ">8", ".3f"), ("next solve s", "next_solve_s", ">12", ".3f"),
            ("next total s", "next_total_s", ">12", ".3f"), ("peak GiB", "peak_memory_gib", ">8", ".2f")]
+
+
+def _time_first_and_next_edit(pipe, method, targets, retain) -> dict:
+    """The first edit on a fresh pipeline (every concept encoded, SPEED's per-weight DPA directions
+    computed), then the next edit of the same concepts, as after changing a parameter in the app."""
+    pipeline_state(pipe).text_cache.clear()
+    LEAST_GAIN_CACHE.clear()
+    t0 = time.perf_counter()
+    first = erase(pipe, method, targets=targets, anchors=[""], retain=retain)
+    t1 = time.perf_counter()
+    again = erase(pipe, method, targets=targets, anchors=[""], retain=retain)
+    t2 = time.perf_counter()
+    return {"retain": len(first.retain), "matrices": len(first.weights),
+            "encode_s": first.stats["encode_seconds"], "solve_s": first.stats["solve_seconds"], "total_s": t1 - t0,
+            "next_solve_s": again.stats["solve_seconds"], "next_total_s": t2 - t1}
 
 
 def print_row(row: dict, header: bool) -> None:

@@ -100,7 +100,8 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import run_bench
 
-    run_bench(device=args.device, concept_counts=args.concepts, methods=args.methods, json_path=args.json)
+    run_bench(device=args.device, concept_counts=args.concepts, methods=args.methods, json_path=args.json,
+              repeats=args.repeats)
 
 
 def main(argv=None) -> int:
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     bench.add_argument("--device", default=None)
     bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100])
     bench.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the table shows medians")
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(run=cmd_bench)
 

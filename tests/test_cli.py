@@ -39,3 +39,15 @@ def test_bad_input_exits_with_one_sentence(tmp_path, capsys):
     assert err.startswith("error: got 2 anchors for 1 targets") and "Traceback" not in err
     assert main(["generate", "--model", "tiny", "--edit", str(tmp_path / "missing.pt"), "--prompt", "x"]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_bench_prints_a_table_and_json(tmp_path, capsys):
+    from erasure.bench import run_bench
+
+    results = run_bench(device="cpu", concept_counts=[1, 3], model="tiny", repeats=2,
+                        json_path=str(tmp_path / "bench.json"))
+    out = capsys.readouterr().out
+    assert out.count("| speed ") == 2 and out.count("| uce ") == 2 and "| encode s |" in out
+    assert [(r["method"], r["concepts"]) for r in results] == [("speed", 1), ("speed", 3), ("uce", 1), ("uce", 3)]
+    assert all(r["solve_s"] > 0 and r["total_s"] >= r["solve_s"] for r in results)
+    assert (tmp_path / "bench.json").read_text().startswith("[")
