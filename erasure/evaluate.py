@@ -446,7 +446,7 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float,
     values = [v for vs in series.values() for v in vs if v is not None and all(map(math.isfinite, v))]
     top = y_max or max([v[2] for v in values] + [1e-6]) * 1.1
     slot = 70
-    left, right, head, foot, plot_h = 60, 20, 56, 90, 260
+    left, right, head, foot, plot_h = 60, 20, 66, 90, 260
     width = left + right + max(1, len(groups)) * slot
     image = Image.new("RGB", (max(width, 360), head + plot_h + foot), "white")
     draw = ImageDraw.Draw(image)
@@ -456,7 +456,7 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float,
         tick = top * k / 4
         draw.line([(left - 4, y(tick)), (width - right, y(tick))], fill=(225, 225, 225))
         draw.text((4, y(tick) - 6), f"{tick:.3g}", fill="black", font=font)
-    draw.text((4, head - 14), y_label, fill="black", font=font)
+    draw.text((4, head - 24), y_label, fill="black", font=font)  # above the top tick label
     bar = (slot - 16) / max(1, len(series))
     for g, group in enumerate(groups):
         x0 = left + g * slot + 8
