@@ -80,8 +80,9 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
         warnings.warn(f"retain concepts {dropped} are also targets and were left out of the retain set")
     if len(retain_clean) > max_concepts * 20:
         raise ValueError(f"{len(retain_clean)} retain concepts exceed the cap of {max_concepts * 20}")
-    for concept in targets + anchors + retain_clean:
-        n_tokens = len(tokenizer(concept, truncation=False).input_ids)
+    texts = targets + anchors + retain_clean
+    for concept, ids in zip(texts, tokenizer(texts, truncation=False).input_ids):
+        n_tokens = len(ids)
         if n_tokens > tokenizer.model_max_length:
             warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - 2} tokens; CLIP keeps "
                           f"{tokenizer.model_max_length - 2}, so it is truncated")
@@ -107,8 +108,9 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
 
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
-    if not full_length:  # batch texts of similar length together: less padding to encode
-        todo.sort(key=lambda t: len(tokenizer(t, truncation=True).input_ids))
+    if todo and not full_length:  # batch texts of similar length together: less padding to encode
+        lengths = dict(zip(todo, map(len, tokenizer(todo, truncation=True).input_ids)))
+        todo.sort(key=lengths.get)
     starts = range(0, len(todo), ENCODE_BATCH)
     for start in tqdm(starts, desc="encoding concepts", unit="batch", disable=not progress or len(starts) < 2):
         batch = todo[start:start + ENCODE_BATCH]
@@ -126,15 +128,3 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
     while len(cache) > TEXT_CACHE_SIZE:
         cache.popitem(last=False)
     return result
-
-
-def subject_rows(encode: Encoder, texts: Sequence[str]) -> torch.Tensor:
-    """[n, d] last-subject-token rows, float64."""
-    if not texts:
-        return torch.empty(0, 0, dtype=torch.float64)
-    return torch.stack([e.subject_row for e in encode(texts, False)]).double()
-
-
-def all_token_rows(encode: Encoder, text: str) -> torch.Tensor:
-    """[76, d] rows 1..76 (all but BOS) of a prompt padded to full length, float64."""
-    return encode([text], True)[0].rows[1:].double()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erasure.pipeline import pipeline_state
-from erasure.text import encode_texts, split_concepts, subject_rows
+from erasure.text import encode_texts, split_concepts
 
 PROMPTS = ["a photo of Snoopy", "Van Gogh's Starry Night", "R2-D2  and\tC-3PO", "café — naïve 🙂", ""]
 
@@ -38,9 +38,9 @@ def test_encoding_is_cached(pipe):
     calls = []
     hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        subject_rows(lambda t, f: encode_texts(pipe, t, f), ["cached concept one", "cached concept two"])
+        encode_texts(pipe, ["cached concept one", "cached concept two"])
         first = len(calls)
-        subject_rows(lambda t, f: encode_texts(pipe, t, f), ["cached concept two", "cached concept one"])
+        encode_texts(pipe, ["cached concept two", "cached concept one"])
         assert first == 1 and len(calls) == 1
     finally:
         hook.remove()

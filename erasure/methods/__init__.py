@@ -110,21 +110,20 @@ def get_method(name: str) -> Method:
 
 def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) -> ConceptRows:
     """Rows by the reference conventions: last subject token per concept (or rows 1..76 of each
-    target/anchor prompt when `all_tokens`), retain concepts' last subject tokens, and the empty prompt."""
-    from ..text import all_token_rows, subject_rows
-
+    target/anchor prompt when `all_tokens`), retain concepts' last subject tokens, and the empty prompt.
+    Texts are encoded in one batched pass per padding length."""
+    retain_texts = list(concepts.retain if retain_texts is None else retain_texts)
+    pairs = [*concepts.targets, *concepts.anchors]
+    full = encode([*pairs, ""] if all_tokens else [""], True)
+    short = encode(retain_texts if all_tokens else [*pairs, *retain_texts], False)
+    null = full[-1].rows.double()
     if all_tokens:
-        targets = [all_token_rows(encode, t) for t in concepts.targets]
-        anchors = [all_token_rows(encode, a) for a in concepts.anchors]
+        per_concept = [e.rows[1:].double() for e in full[:-1]]
     else:
-        target_rows = subject_rows(encode, concepts.targets)
-        anchor_rows = subject_rows(encode, concepts.anchors)
-        targets = [row[None] for row in target_rows]
-        anchors = [row[None] for row in anchor_rows]
-    null = encode([""], True)[0].rows.double()
-    retain_texts = concepts.retain if retain_texts is None else retain_texts
-    retain = subject_rows(encode, retain_texts) if retain_texts else null.new_zeros(0, null.shape[1])
-    return ConceptRows(targets, anchors, retain, null)
+        per_concept, short = [e.subject_row[None].double() for e in short[: len(pairs)]], short[len(pairs):]
+    retain = torch.stack([e.subject_row for e in short]).double() if short else null.new_zeros(0, null.shape[1])
+    n = len(concepts.targets)
+    return ConceptRows(per_concept[:n], per_concept[n:], retain, null)
 
 
 from . import speed, uce  # noqa: E402,F401  (registers the built-in methods)
