@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .edit import Edit
-from .generate import OriginalCache, Settings, generate_images, image_key, originals
+from .generate import OriginalCache, Settings, generate_images, originals
 from .pipeline import pipeline_state
 from .presets import KINDS, concept_text, neutral_prompts, prompt_templates
 from .scoring import ClipScorer, ClipScores, summarize_scores
@@ -130,11 +130,9 @@ def run_comparison(pipe, scorer: ClipScorer, prompts: ComparisonPrompts, seeds: 
     def reporter(column):
         return (lambda done, total: on_step(column, done, total)) if on_step else None
 
-    model_id = pipeline_state(pipe).model_id
-    reused = sum(cache.get(image_key(model_id, prompt, seed, settings)) is not None
-                 for prompt in dict.fromkeys(ordered) for seed in seeds)
-    images = {ORIGINAL: originals(pipe, ordered, seeds, settings, cache, on_step=reporter(ORIGINAL),
-                                  should_stop=should_stop)}
+    original_images, reused = originals(pipe, ordered, seeds, settings, cache, on_step=reporter(ORIGINAL),
+                                        should_stop=should_stop)
+    images = {ORIGINAL: original_images}
     for label, edit in edits.items():
         images[label] = generate_images(pipe, ordered, seeds, settings, edit, on_step=reporter(label),
                                         should_stop=should_stop)

@@ -98,6 +98,13 @@ class Edit:
             method, model_id, digest = meta["method"], meta["model_id"], meta["fingerprint"]
         except (KeyError, json.JSONDecodeError) as error:
             raise EditFileError(f"{source!r} has missing or corrupt edit metadata ({error})") from None
+        concept_lists = [fields[k] for k in ("targets", "anchors", "retain")]
+        if not all(isinstance(x, list) and all(isinstance(c, str) for c in x) for x in concept_lists):
+            raise EditFileError(f"{source!r}: metadata targets, anchors and retain must be lists of strings")
+        if not fields["targets"] or len(fields["anchors"]) != len(fields["targets"]):
+            raise EditFileError(f"{source!r}: metadata needs one anchor per target")
+        if not isinstance(fields["params"], dict) or not isinstance(fields["stats"], dict):
+            raise EditFileError(f"{source!r}: metadata params and stats must be JSON objects")
         if not tensors:
             raise EditFileError(f"{source!r} holds no tensors")
         weights = {}
@@ -193,6 +200,8 @@ def applied(pipe, edit: Edit | None) -> Iterator[Any]:
             _check_applicable(state, edit)
             writes = edit.weights
         saved = {name: state.modules[name].weight.detach().clone() for name in writes}
+        before_versions = {name: (state.modules[name].weight.data_ptr(), state.modules[name].weight._version)
+                           for name in writes}
         added = [name for name in writes if name not in state.originals]
         for name in added:
             state.originals[name] = saved[name]
@@ -206,7 +215,11 @@ def applied(pipe, edit: Edit | None) -> Iterator[Any]:
         finally:
             with torch.no_grad():
                 for name in written:
-                    state.modules[name].weight.copy_(saved[name])
+                    weight = state.modules[name].weight
+                    valid = state.digests.get(name, (None,))[0] == before_versions[name]
+                    weight.copy_(saved[name])
+                    if valid:  # the bytes are back bitwise: the digest still holds for the new version
+                        state.digests[name] = ((weight.data_ptr(), weight._version), state.digests[name][1])
             for name in added:
                 del state.originals[name]
 

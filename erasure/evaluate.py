@@ -75,7 +75,7 @@ def cmd_evaluate(args) -> None:
     from .cli import concepts_and_params
     from .edit import Edit
     from .generate import OriginalCache, default_cache_folder, default_settings, generate_pairs, image_key
-    from .pipeline import pipeline_state
+    from .pipeline import model_identity
     from .presets import concept_text, evaluation_prompts, load_preset, prompt_set_sizes, prompt_templates
 
     started = time.time()
@@ -125,8 +125,8 @@ def cmd_evaluate(args) -> None:
     blocks = [list(range(start, min(start + args.batch_size, len(pairs))))
               for start in range(0, len(pairs), args.batch_size)]
     mine = blocks[rank::world]
-    model_id = pipeline_state(pipe).model_id
-    keys = [image_key(model_id, item.prompt, seed, settings) for item, seed in pairs]
+    identity = model_identity(pipe)
+    keys = [image_key(identity, item.prompt, seed, settings) for item, seed in pairs]
     cache = OriginalCache(max_images=2 * args.batch_size, folder=args.originals or default_cache_folder())
     edited_dir = out / "images" / "edited"
     edited_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .edit import Edit, applied
-from .pipeline import pipeline_state
+from .pipeline import model_identity
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
@@ -62,8 +62,9 @@ def default_settings(pipe, **overrides) -> Settings:
     return Settings(**{"height": side, "width": side, **overrides}).check()
 
 
-def image_key(model_id: str, prompt: str, seed: int, settings: Settings) -> str:
-    payload = json.dumps([model_id, prompt, int(seed), asdict(settings)], sort_keys=True)
+def image_key(identity: str, prompt: str, seed: int, settings: Settings) -> str:
+    """Cache key of an original image; `identity` is `pipeline.model_identity(pipe)`."""
+    payload = json.dumps([identity, prompt, int(seed), asdict(settings)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -99,7 +100,7 @@ class OriginalCache:
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Write, then rename: another process reading the folder never sees half a file.
-            partial = self.folder / f".{key}.{os.getpid()}.png"
+            partial = self.folder / f".{key}.{os.getpid()}.{threading.get_ident()}.png"
             image.save(partial)
             os.replace(partial, self.folder / f"{key}.png")
 
@@ -155,17 +156,19 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
 
 
 def originals(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, cache: OriginalCache,
-              **kwargs) -> list[Image.Image]:
-    """Base-model images, computing only the prompts whose (prompt, seed) images the cache lacks."""
-    model_id = pipeline_state(pipe).model_id
-    found = {(p, int(s)): cache.get(image_key(model_id, p, s, settings)) for p in prompts for s in seeds}
-    missing = list(dict.fromkeys(p for (p, _), image in found.items() if image is None))
+              **kwargs) -> tuple[list[Image.Image], int]:
+    """Base-model images for every (prompt, seed), prompt-major, computing only the pairs the cache lacks
+    (each image has its own generator, so which pairs are batched together does not matter).
+    Returns the images and how many came from the cache."""
+    identity = model_identity(pipe)
+    keys = {(p, int(s)): image_key(identity, p, s, settings) for p in prompts for s in seeds}
+    found = {pair: cache.get(key) for pair, key in keys.items()}
+    missing = [pair for pair, image in found.items() if image is None]
     if missing:
-        fresh = generate_images(pipe, missing, seeds, settings, None, **kwargs)
-        for pair, image in zip([(p, int(s)) for p in missing for s in seeds], fresh):
+        for pair, image in zip(missing, generate_pairs(pipe, missing, settings, None, **kwargs)):
             found[pair] = image
-            cache.put(image_key(model_id, pair[0], pair[1], settings), image)
-    return [found[(p, int(s))] for p in prompts for s in seeds]
+            cache.put(keys[pair], image)
+    return [found[(p, int(s))] for p in prompts for s in seeds], len(keys) - len(missing)
 
 
 @contextmanager

@@ -88,6 +88,16 @@ def fingerprint(state: PipelineState, names) -> str:
     return h.hexdigest()
 
 
+def model_identity(pipe) -> str:
+    """What an original image depends on besides its prompt and settings: the model id, its dtype and
+    device type (fp16 on CUDA and fp32 on CPU draw different images), and the editable base weights."""
+    state = pipeline_state(pipe)
+    with state.lock:
+        digest = fingerprint(state, state.modules)
+    device = next(iter(state.modules.values())).weight.device.type
+    return f"{state.model_id}|{pipe.unet.dtype}|{device}|{digest[:16]}"
+
+
 def default_device_and_dtype() -> tuple[str, torch.dtype]:
     if torch.cuda.is_available():
         return "cuda", torch.float16

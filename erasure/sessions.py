@@ -7,6 +7,7 @@ bounded by an LRU cap so abandoned sessions cannot exhaust memory.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from collections import OrderedDict
@@ -22,6 +23,9 @@ class EditStore:
         self._lock = threading.Lock()
 
     def add(self, edit: Edit) -> str:
+        """Keep `edit` (its tensors moved to host memory: tens of edits must not hold GPU memory; applying
+        copies them to the device) and return its id."""
+        edit = dataclasses.replace(edit, weights={name: w.detach().to("cpu") for name, w in edit.weights.items()})
         edit_id = secrets.token_hex(8)
         with self._lock:
             self._edits[edit_id] = edit

@@ -128,3 +128,13 @@ def test_fingerprint_agrees_between_fp32_and_fp16_loads(pipe, edits):
     base = erasure.load_pipeline("tiny", device="cpu", dtype=torch.float16)
     assert all(torch.equal(m.weight, pipeline_state(base).modules[n].weight)
                for n, m in pipeline_state(half).modules.items())  # fp16 restore is bitwise too
+
+
+def test_restored_weights_keep_their_digest_so_the_next_apply_does_not_rehash(pipe, edits, untouched):
+    state = pipeline_state(pipe)
+    edit = edits["snoopy"]
+    with erasure.applied(pipe, edit):
+        pass
+    for name in edit.weights:
+        weight = state.modules[name].weight
+        assert state.digests[name][0] == (weight.data_ptr(), weight._version)  # cache entry is current

@@ -93,3 +93,17 @@ def test_unknown_model_gives_one_clear_sentence():
         erasure.load_pipeline("nobody/no-such-model", device="cpu")
     with pytest.raises(erasure.ModelLoadError, match="neither a local folder/file nor a hub id"):
         erasure.load_pipeline("no-such-folder", device="cpu")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("targets", '"Snoopy"', "must be lists of strings"),
+    ("targets", "[1, 2]", "must be lists of strings"),
+    ("anchors", '["", ""]', "one anchor per target"),
+    ("stats", "[]", "must be JSON objects"),
+])
+def test_edit_file_with_malformed_metadata_is_refused(tmp_path, snoopy_edit, field, value, message):
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{n}.weight": w for n, w in snoopy_edit.weights.items()}, str(path),
+              metadata=snoopy_edit.metadata() | {field: value})
+    with pytest.raises(erasure.EditFileError, match=message):
+        erasure.Edit.load(path)

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import erasure
 from erasure.cli import main
+from erasure.pipeline import model_identity
 from erasure.generate import Settings, image_key
 from erasure.scoring import CONVENTION, NUDENET_CLASSES
 
@@ -104,8 +106,9 @@ def test_outputs_and_the_original_cache(single):
     assert "| score | set | original | edited | change |" in (out / "metrics.md").read_text()
     with Image.open(out / "scores.png") as chart:
         assert chart.size[0] >= 360
-    # Originals are cached by the app's key: (model, prompt, seed, settings).
-    key = image_key("tiny", "a photo of Snoopy", 1, Settings(steps=3, height=64, width=64))
+    # Originals are cached by the app's key: (model identity, prompt, seed, settings).
+    key = image_key(model_identity(erasure.load_pipeline("tiny", device="cpu")), "a photo of Snoopy", 1,
+                    Settings(steps=3, height=64, width=64))
     assert (cache / f"{key}.png").is_file() and len(list(cache.glob("*.png"))) == 40
 
 

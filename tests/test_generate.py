@@ -60,27 +60,29 @@ def test_original_cache_skips_recomputing_originals(pipe, untouched):
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
         cache = OriginalCache()
-        first = originals(pipe, ["a red car", "a tree"], [0, 1], SETTINGS, cache)
+        first, reused = originals(pipe, ["a red car", "a tree"], [0, 1], SETTINGS, cache)
         computed = sum(calls)  # latents through the UNet
-        assert computed > 0
-        again = originals(pipe, ["a red car", "a tree"], [0, 1], SETTINGS, cache)
-        assert sum(calls) == computed  # no UNet call at all
+        assert computed > 0 and reused == 0
+        again, reused = originals(pipe, ["a red car", "a tree"], [0, 1], SETTINGS, cache)
+        assert sum(calls) == computed and reused == 4  # no UNet call at all
         assert all(a is b for a, b in zip(first, again))
-        originals(pipe, ["a red car", "a tree", "a house"], [0, 1], SETTINGS, cache)
-        assert sum(calls) == computed + computed // 2  # only the new prompt's images
+        _, reused = originals(pipe, ["a red car", "a tree", "a house"], [0, 1], SETTINGS, cache)
+        assert sum(calls) == computed + computed // 2 and reused == 4  # only the new prompt's images
+        _, reused = originals(pipe, ["a red car"], [0, 1, 2], SETTINGS, cache)
+        assert sum(calls) == computed + computed // 2 + computed // 4 and reused == 2  # only the new seed
     finally:
         hook.remove()
 
 
 def test_original_cache_on_disk_is_shared_between_instances(pipe, tmp_path, untouched):
-    first = originals(pipe, ["a tree"], [0], SETTINGS, OriginalCache(folder=tmp_path))
+    first, _ = originals(pipe, ["a tree"], [0], SETTINGS, OriginalCache(folder=tmp_path))
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        second = originals(pipe, ["a tree"], [0], SETTINGS, OriginalCache(folder=tmp_path))
+        second, reused = originals(pipe, ["a tree"], [0], SETTINGS, OriginalCache(folder=tmp_path))
     finally:
         hook.remove()
-    assert not calls and np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+    assert not calls and reused == 1 and np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
 
 
 def test_cancel_stops_generation_and_restores_weights(pipe, untouched):
