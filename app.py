@@ -166,7 +166,8 @@ class Studio:
                 return (*[gr.skip()] * 5, "Generation cancelled; the model's weights are restored.")
             finally:
                 self.cancel_flags.finish(request.session_hash or "", flag)
-        record = run_record(self.pipe, comparison, self.scorer)
+        summary = summary_rows(comparison)
+        record = run_record(self.pipe, comparison, self.scorer, summary)
         path = self._new_file("run", ".json")
         path.write_text(json.dumps(record, indent=2), "utf-8")
         rows = comparison.rows()
@@ -178,7 +179,6 @@ class Studio:
                      for i, (row_group, prompt, seed) in enumerate(rows) if row_group == group
                      for column in comparison.images]
             galleries.append(gr.Gallery(value=items, columns=len(comparison.images)))
-        summary = summary_rows(comparison)
         status = (f"{len(rows)} rows x {len(comparison.images)} columns in {time.perf_counter() - started:.1f} s "
                   f"({comparison.originals_reused} original images reused from the cache). "
                   f"{self._scorer_note()}")
@@ -245,7 +245,7 @@ def edit_report(edit, uploaded: str | None = None) -> str:
     lines = [f"{source}**{edit.method.upper()}** maps {_short(', '.join(edit.targets), 80)} → {anchors}, "
              f"keeping {len(edit.retain)} retain concept(s); "
              f"{len(edit.weights)} matrices changed."]
-    if "solve_seconds" in stats:
+    if "solve_seconds" in stats and "encode_seconds" in stats:
         lines.append(f"Computed in **{stats['encode_seconds'] + stats['solve_seconds']:.2f} s** "
                      f"({stats['encode_seconds']:.2f} s text encoding + {stats['solve_seconds']:.2f} s solve).")
     return "  \n".join(lines)

@@ -8,13 +8,13 @@ import warnings
 from pathlib import Path
 
 from .methods import METHODS
-from .pipeline import ModelLoadError
+from .pipeline import DEFAULT_MODEL, ModelLoadError
 from .scoring import ScorerLoadError
 from .text import split_concepts
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -72,19 +72,26 @@ def cmd_erase(args) -> None:
           f"solve {stats['solve_seconds']:.2f} s -> {path}")
 
 
-def cmd_generate(args) -> None:
-    from tqdm import tqdm
+def settings_from_args(pipe, args):
+    """Generation settings: the model's defaults, overridden by --steps/--guidance/--size/--scheduler."""
+    from .generate import default_settings
 
-    import erasure
-    from .generate import comparison_grid, default_settings, generate_images
-
-    pipe = erasure.load_pipeline(args.model, device=args.device)
-    edit = erasure.Edit.load(args.edit) if args.edit else None
     overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
                  if v is not None}
     if args.size:
         overrides.update(height=args.size, width=args.size)
-    settings = default_settings(pipe, **overrides)
+    return default_settings(pipe, **overrides)
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    import erasure
+    from .generate import comparison_grid, generate_images
+
+    pipe = erasure.load_pipeline(args.model, device=args.device)
+    edit = erasure.Edit.load(args.edit) if args.edit else None
+    settings = settings_from_args(pipe, args)
     columns, titles = [], ["original"] + ([f"edited ({edit.method})"] if edit else [])
     for title, which in zip(titles, [None, edit]):
         with tqdm(total=len(args.prompt) * len(args.seeds) * settings.steps, desc=title, unit="step") as bar:

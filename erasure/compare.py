@@ -9,9 +9,7 @@ prompts that name retain concepts or nothing in particular ("should be kept"). C
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 from .edit import Edit
 from .generate import OriginalCache, Settings, generate_images, originals
 from .pipeline import pipeline_state
+from .provenance import package_versions
 from .presets import KINDS, concept_text, neutral_prompts, prompt_templates
 from .scoring import ClipScorer, ClipScores, summarize_scores
 
@@ -90,8 +89,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError("no seed given: enter one or more whole numbers, e.g. '0, 1'")
     seeds = []
     for part in parts:
-        if not part.isdigit():
-            raise ValueError(f"seed {part!r} is not a whole number >= 0; enter seeds like '0, 1'")
+        if not (part.isascii() and part.isdigit()) or int(part) >= 2**63:
+            raise ValueError(f"seed {part!r} is not a whole number from 0 to 2**63 - 1; enter seeds like '0, 1'")
         if int(part) in seeds:
             raise ValueError(f"seed {part} is given twice; list each seed once")
         seeds.append(int(part))
@@ -172,17 +171,7 @@ def caption(column: str, prompt: str, seed: int, prompt_score: float, target_sco
     return f"{column} · {prompt} · seed {seed}\nCLIP to prompt {prompt_score:.1f} · to target {target_score:.1f}"
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for package in ("erasure-studio", "torch", "diffusers", "transformers", "open_clip_torch", "gradio"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
-def run_record(pipe, comparison: Comparison, scorer: ClipScorer) -> dict:
+def run_record(pipe, comparison: Comparison, scorer: ClipScorer, summary: list[dict] | None = None) -> dict:
     """Everything needed to rerun and check a comparison: model, edits (method, params, concepts),
     prompts, seeds, settings, per-image scores, the summary and package versions."""
     rows = comparison.rows()
@@ -201,6 +190,6 @@ def run_record(pipe, comparison: Comparison, scorer: ClipScorer) -> dict:
                                 "clip_to_target": float(comparison.target_scores[column].score[i])}
                        for column in comparison.images}}
                    for i, (group, prompt, seed) in enumerate(rows)],
-        "summary": summary_rows(comparison),
-        "versions": versions(),
+        "summary": summary if summary is not None else summary_rows(comparison),
+        "versions": package_versions(),
     }

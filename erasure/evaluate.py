@@ -23,6 +23,8 @@ import numpy as np
 
 from . import scoring
 from .generate import wrap_words
+from .presets import KINDS
+from .provenance import package_versions
 from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
 
 SETS = ("erase", "retain", "neutral")
@@ -39,7 +41,7 @@ def add_evaluate_parser(commands, add_model_arguments, add_concept_arguments) ->
     add_model_arguments(parser)
     add_concept_arguments(parser)
     parser.add_argument("--edit", default=None, help="evaluate this edit file instead of computing one")
-    parser.add_argument("--kind", default=None, choices=["object", "style", "celebrity", "nudity"],
+    parser.add_argument("--kind", default=None, choices=list(KINDS),
                         help="prompt templates to use (default: the preset's kind, else object)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per prompt (default 2; --full 10)")
     parser.add_argument("--full", action="store_true", help="paper-sized prompt sets: every template, the "
@@ -72,9 +74,9 @@ def cmd_evaluate(args) -> None:
     from tqdm import tqdm
 
     import erasure
-    from .cli import concepts_and_params
+    from .cli import concepts_and_params, settings_from_args
     from .edit import Edit
-    from .generate import OriginalCache, default_cache_folder, default_settings, generate_pairs, image_key
+    from .generate import OriginalCache, default_cache_folder, generate_pairs, image_key
     from .pipeline import model_identity
     from .presets import concept_text, evaluation_prompts, load_preset, prompt_set_sizes, prompt_templates
 
@@ -101,11 +103,7 @@ def cmd_evaluate(args) -> None:
     except scoring.ScorerLoadError as error:
         raise ValueError(str(error)) from None  # the CLI ends ValueErrors with one sentence, no traceback
     pipe = erasure.load_pipeline(args.model, device=device)
-    overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
-                 if v is not None}
-    if args.size:
-        overrides.update(height=args.size, width=args.size)
-    settings = default_settings(pipe, **overrides)
+    settings = settings_from_args(pipe, args)
 
     # One edit for every process: rank 0 computes (or copies) it, the others read the same file.
     edit_path = out / "edit.safetensors"
@@ -234,7 +232,7 @@ def _column(rows, name) -> np.ndarray:
 def _clip_block(rows, which: str) -> dict:
     """Score (100 * max(cos, 0)) and raw cosine intervals, original vs edited, and the paired change."""
     original, edited = _column(rows, f"clip_{which}_cos_original"), _column(rows, f"clip_{which}_cos_edited")
-    score = lambda cos: 100 * np.clip(cos, 0, None)
+    score = scoring.clip_score
     return {"original": {"score": _interval(bootstrap_mean(score(original))), "cosine": _interval(bootstrap_mean(original))},
             "edited": {"score": _interval(bootstrap_mean(score(edited))), "cosine": _interval(bootstrap_mean(edited))},
             "change": {"score": _interval(paired_change(score(original), score(edited))),
@@ -347,28 +345,13 @@ def _fid_kid(originals, edited, scorer, choice: str, model: str, device: str) ->
 
 
 def _settings(args, edit, kind, seeds, settings, pipe, items) -> dict:
-    import diffusers
-    import open_clip
-    import torch
-    import torchmetrics
-    import transformers
-
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__, "open_clip": open_clip.__version__,
-                "torchmetrics": torchmetrics.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["nudenet"] = version("nudenet")
-    except Exception:
-        versions["nudenet"] = None
     return {"model": args.model, "method": edit.method, "params": edit.params, "preset": args.preset, "kind": kind,
             "targets": edit.targets, "anchors": edit.anchors, "retain_pool": len(edit.retain),
             "retain_prompted": list(dict.fromkeys(it.concept for it in items if it.set == "retain")),
             "templates": "all" if args.full else "interactive", "seeds": seeds, "steps": settings.steps,
             "guidance": settings.guidance, "height": settings.height, "width": settings.width,
             "scheduler": settings.scheduler, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-            "batch_size": args.batch_size, "versions": versions}
+            "batch_size": args.batch_size, "versions": package_versions()}
 
 
 # --- Outputs ----------------------------------------------------------------------------------------------

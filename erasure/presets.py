@@ -70,8 +70,9 @@ def concept_text(kind: str, concept: str) -> str:
     return templates()["concept_text"][kind].format(concept)
 
 
-def neutral_prompts() -> list[str]:
-    return _read_list("lists/neutral_prompts.txt")
+@lru_cache(maxsize=None)
+def neutral_prompts() -> tuple[str, ...]:
+    return tuple(_read_list("lists/neutral_prompts.txt"))
 
 
 @dataclass(frozen=True)

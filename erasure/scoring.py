@@ -27,6 +27,11 @@ TINY_CLIP = dict(embed_dim=64,
                  text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
 
 
+def clip_score(cosine) -> np.ndarray:
+    """The reported CLIP score: 100 × max(cos, 0)."""
+    return 100 * np.clip(np.asarray(cosine, dtype=np.float64), 0, None)
+
+
 class ScorerLoadError(RuntimeError):
     """A scorer's weights could not be loaded (e.g. offline without a cache)."""
 
@@ -38,7 +43,7 @@ class ClipScores:
 
     @property
     def score(self) -> np.ndarray:
-        return 100 * np.clip(self.cosine, 0, None)
+        return clip_score(self.cosine)
 
     @property
     def convention(self) -> str:
@@ -164,7 +169,7 @@ def same_seed_win_rate(original_cosine, edited_cosine, **bootstrap) -> MeanInter
 def summarize_scores(scores: dict[str, np.ndarray], baseline: str = "original") -> list[dict]:
     """One row per column (e.g. original, each edit): mean score with its 95% interval and the change
     from the baseline column. Used for the app's summary table and the evaluate command."""
-    base = bootstrap_mean(scores[baseline]).mean if baseline in scores else float("nan")
+    base = float(np.mean(scores[baseline])) if baseline in scores else float("nan")
     rows = []
     for column, values in scores.items():
         interval = bootstrap_mean(values)
