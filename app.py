@@ -103,7 +103,7 @@ class Studio:
         with user_errors():
             self.limits.check_concepts(target_list, retain_list)
             edit = erasure.erase(self.pipe, method, target_list, split_concepts(anchors) or [""], retain_list,
-                                 max_concepts=self.limits.max_targets, **given)
+                                 **given)
         session, dropped = self._remember(session, edit)
         path = edit.save(self._new_file(f"{edit.method}-{_slug(edit.targets)}", ".safetensors"))
         return session, self._edit_choices(session), self._report(edit, dropped), layer_table(edit), str(path)

@@ -66,13 +66,14 @@ class ComparisonPrompts:
 
 def suggest_prompts(kind: str, targets: Sequence[str], retain: Sequence[str], per_group: int = 3,
                     neutral: int = 1) -> ComparisonPrompts:
-    """Prompts naming each target (the kind's first templates, template-major so every target appears
-    before any repeats), prompts naming the first retain concepts, and `neutral` prompts naming nothing."""
+    """`per_group` prompts naming the targets (the kind's first templates, template-major so every target
+    appears before any repeats), and `per_group` to keep: the first retain concepts in all but `neutral`
+    slots, the rest (at least `neutral`) filled with prompts naming nothing."""
     if kind not in KINDS:
         raise ValueError(f"unknown concept kind {kind!r}; choose from {list(KINDS)}")
     templates = prompt_templates(kind)
     erase = [template.format(target) for template in templates for target in targets][:per_group]
-    keep = [templates[0].format(concept) for concept in retain[: per_group - neutral]]
+    keep = [templates[0].format(concept) for concept in retain[: max(0, per_group - neutral)]]
     keep += neutral_prompts()[: per_group - len(keep)]
     return ComparisonPrompts(tuple(erase), tuple(keep))
 
