@@ -25,10 +25,11 @@ import gradio as gr
 import pandas as pd
 
 import erasure
-from erasure.compare import (GROUPS, ComparisonPrompts, Limits, caption, parse_seeds, prompt_lines,
-                             run_comparison, run_record, suggest_prompts, summary_rows)
-from erasure.edit import check_applicable
+from erasure.apply import check_applicable
+from erasure.compare import (GROUPS, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
+                             run_record, suggest_prompts, summary_rows)
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
+from erasure.limits import Limits
 from erasure.pipeline import pipeline_state
 from erasure.presets import KINDS, load_preset
 from erasure.scoring import ScorerLoadError, load_clip_scorer
@@ -211,7 +212,7 @@ class Studio:
 
     def banner(self) -> str:
         state = pipeline_state(self.pipe)
-        device = next(iter(state.modules.values())).weight.device
+        device = next(iter(state.parameters.values())).device
         lines = [f"**Model** `{self.model_id}` on {device.type} · {self._scorer_note()}"]
         if self.model_id in RANDOM_MODELS:
             lines.append("This is the offline **random-weight** model: images are noise-like and only show that "
@@ -244,7 +245,7 @@ def edit_report(edit, uploaded: str | None = None) -> str:
     anchors = ", ".join(repr(a) if a else "the empty prompt" for a in dict.fromkeys(edit.anchors))
     lines = [f"{source}**{edit.method.upper()}** maps {_short(', '.join(edit.targets), 80)} → {anchors}, "
              f"keeping {len(edit.retain)} retain concept(s); "
-             f"{len(edit.weights)} matrices changed."]
+             f"{len(edit.modules())} modules changed."]
     if "solve_seconds" in stats and "encode_seconds" in stats:
         lines.append(f"Computed in **{stats['encode_seconds'] + stats['solve_seconds']:.2f} s** "
                      f"({stats['encode_seconds']:.2f} s text encoding + {stats['solve_seconds']:.2f} s solve).")
@@ -252,7 +253,8 @@ def edit_report(edit, uploaded: str | None = None) -> str:
 
 
 def layer_table(edit) -> pd.DataFrame:
-    rows = [{"layer": name, "relative change": s["relative_change"], "target residual": s["target_residual"],
+    rows = [{"layer": name, "relative change": s["relative_change"],
+             "target residual": s.get("target_residual", float("nan")),
              "retain drift": s.get("retain_drift", float("nan"))}
             for name, s in edit.stats.get("layers", {}).items()]
     return pd.DataFrame(rows, columns=["layer", "relative change", "target residual", "retain drift"]).round(4)

@@ -6,7 +6,9 @@
         image = pipe("a photo of Snoopy", generator=torch.Generator().manual_seed(0)).images[0]
 """
 
-from .edit import Edit, EditFileError, EditMismatchError, applied, erase
+from .apply import applied, check_applicable, restore, write_edit
+from .compute import erase
+from .edit import Edit, EditFileError, EditMismatchError, Patch
 from .methods import METHODS, get_method
 from .pipeline import DEFAULT_MODEL, ModelLoadError, load_pipeline
 from .presets import Preset, load_preset, presets
@@ -17,5 +19,6 @@ def methods():
     return dict(METHODS)
 
 
-__all__ = ["DEFAULT_MODEL", "Edit", "EditFileError", "EditMismatchError", "ModelLoadError", "Preset", "applied",
-           "erase", "get_method", "load_pipeline", "load_preset", "methods", "presets"]
+__all__ = ["DEFAULT_MODEL", "Edit", "EditFileError", "EditMismatchError", "ModelLoadError", "Patch", "Preset",
+           "applied", "check_applicable", "erase", "get_method", "load_pipeline", "load_preset", "methods", "presets",
+           "restore", "write_edit"]

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .edit import erase
+from .compute import erase
 from .methods import METHODS
 from .methods.speed import LEAST_GAIN_CACHE
 from .pipeline import load_pipeline, pipeline_state
@@ -71,7 +71,7 @@ def _time_first_and_next_edit(pipe, method, targets, retain) -> dict:
     t1 = time.perf_counter()
     again = erase(pipe, method, targets=targets, anchors=[""], retain=retain)
     t2 = time.perf_counter()
-    return {"retain": len(first.retain), "matrices": len(first.weights),
+    return {"retain": len(first.retain), "matrices": len(first.modules()),
             "encode_s": first.stats["encode_seconds"], "solve_s": first.stats["solve_seconds"], "total_s": t1 - t0,
             "next_solve_s": again.stats["solve_seconds"], "next_total_s": t2 - t1}
 

@@ -7,56 +7,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from .arguments import add_concept_arguments, add_model_arguments, concepts_and_params, settings_from_args
+from .evaluate import cmd_evaluate
 from .methods import METHODS
-from .pipeline import DEFAULT_MODEL, ModelLoadError
+from .pipeline import ModelLoadError
+from .presets import KINDS
 from .scoring import ScorerLoadError
-from .text import split_concepts
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-
-
-def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="speed", choices=sorted(METHODS))
-    parser.add_argument("--preset", default=None, help="fills targets, anchors, retain and the method's settings")
-    parser.add_argument("--targets", default=None, help="comma-separated concepts to erase (overrides the preset)")
-    parser.add_argument("--anchors", default=None, help="comma-separated anchors: one, or one per target")
-    parser.add_argument("--retain", default=None, help="comma-separated concepts to keep (overrides the preset)")
-    parser.add_argument("--retain-file", default=None, help="a text file with one retain concept per line")
-    seen = set()
-    for method in METHODS.values():
-        for name, spec in method.schema().items():
-            if name in seen:
-                continue
-            seen.add(name)
-            parser.add_argument(f"--{name}", default=None, help=f"{spec['help']} (default {spec['default']!r})")
-
-
-def concepts_and_params(args) -> tuple[list[str], list[str], list[str], dict]:
-    """Targets, anchors, retain and method parameters from a preset, overridden by explicit flags."""
-    from .presets import load_preset
-
-    targets, anchors, retain, params = [], [""], [], {}
-    if args.preset:
-        preset = load_preset(args.preset)
-        targets, anchors, retain = list(preset.targets), list(preset.anchors), list(preset.retain)
-        params = preset.method_params(args.method)
-    if args.targets is not None:
-        targets = split_concepts(args.targets)
-    if args.anchors is not None:
-        anchors = [a.strip() for a in args.anchors.split(",")]
-    if args.retain is not None:
-        retain = split_concepts(args.retain)
-    if args.retain_file:
-        retain = [line.strip() for line in Path(args.retain_file).read_text("utf-8").splitlines() if line.strip()]
-    schema = METHODS[args.method].schema()
-    for name in schema:
-        if getattr(args, name, None) is not None:
-            params[name] = getattr(args, name)
-    return targets, anchors, retain, params
 
 
 def cmd_erase(args) -> None:
@@ -68,19 +24,8 @@ def cmd_erase(args) -> None:
     path = edit.save(args.out)
     stats = edit.stats
     print(f"{args.method}: erased {len(edit.targets)} concept(s), kept {len(edit.retain)} retain concept(s), "
-          f"{len(edit.weights)} matrices; text encoding {stats['encode_seconds']:.2f} s, "
+          f"{len(edit.modules())} modules; text encoding {stats['encode_seconds']:.2f} s, "
           f"solve {stats['solve_seconds']:.2f} s -> {path}")
-
-
-def settings_from_args(pipe, args):
-    """Generation settings: the model's defaults, overridden by --steps/--guidance/--size/--scheduler."""
-    from .generate import default_settings
-
-    overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
-                 if v is not None}
-    if args.size:
-        overrides.update(height=args.size, width=args.size)
-    return default_settings(pipe, **overrides)
 
 
 def cmd_generate(args) -> None:
@@ -109,6 +54,40 @@ def cmd_bench(args) -> None:
 
     run_bench(device=args.device, concept_counts=args.concepts, methods=args.methods, json_path=args.json,
               repeats=args.repeats)
+
+
+def add_evaluate_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="generate prompt sets with the original and edited model; CLIP, accuracy, FID/KID, "
+                         "NudeNet; write metrics.json/.csv/.md and plots (accelerate launch shards it)")
+    add_model_arguments(parser)
+    add_concept_arguments(parser)
+    parser.add_argument("--edit", default=None, help="evaluate this edit file instead of computing one")
+    parser.add_argument("--kind", default=None, choices=list(KINDS),
+                        help="prompt templates to use (default: the preset's kind, else object)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per prompt (default 2; --full 10)")
+    parser.add_argument("--full", action="store_true", help="paper-sized prompt sets: every template, the "
+                                                            "whole retain pool, 40 neutral prompts, 10 seeds")
+    parser.add_argument("--retain-count", type=int, default=None,
+                        help="retain concepts to prompt (a seeded sample; default 5, --full all; 0 = all)")
+    parser.add_argument("--neutral-count", type=int, default=None, help="neutral prompts (default 4; --full 40)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--scheduler", default=None)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="(prompt, seed) pairs generated and scored together; fixes the numbers, so keep it "
+                             "when comparing runs")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip model name (default ViT-L-14; 'tiny' random weights with --model tiny)")
+    parser.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default openai)")
+    parser.add_argument("--fid-features", default="auto", choices=["auto", "inception", "clip"],
+                        help="auto: Inception-v3 (the papers'), else the CLIP image encoder with a label saying so")
+    parser.add_argument("--originals", default=None,
+                        help="on-disk cache of original images (default: the app's, $ERASURE_CACHE/originals or "
+                             "~/.cache/erasure-studio/originals)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(run=cmd_evaluate)
 
 
 def main(argv=None) -> int:
@@ -141,12 +120,7 @@ def main(argv=None) -> int:
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(run=cmd_bench)
 
-    try:
-        from .evaluate import add_evaluate_parser
-    except ImportError:
-        pass
-    else:
-        add_evaluate_parser(commands, add_model_arguments, add_concept_arguments)
+    add_evaluate_parser(commands)
 
     args = parser.parse_args(argv)
     warnings.simplefilter("default")

@@ -27,34 +27,6 @@ GROUPS = {"erase": "should be erased", "keep": "should be kept"}
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Caps that keep a shared (public) app responsive; each check names the cap it hit."""
-    max_targets: int = 100
-    max_retain: int = 1000
-    max_images: int = 16  # prompt x seed pairs per generation (each is rendered once per column)
-    max_steps: int = 50
-    max_side: int = 768
-    max_edits: int = 3  # edits a session keeps, i.e. edited columns beside the original
-
-    def check_concepts(self, targets: Sequence[str], retain: Sequence[str]) -> None:
-        if len(targets) > self.max_targets:
-            raise ValueError(f"{len(targets)} target concepts exceed this app's cap of {self.max_targets}; "
-                             f"erase fewer at once (the library and CLI have no such cap)")
-        if len(retain) > self.max_retain:
-            raise ValueError(f"{len(retain)} retain concepts exceed this app's cap of {self.max_retain}")
-
-    def check_generation(self, n_prompts: int, n_seeds: int, settings: Settings) -> None:
-        if n_prompts * n_seeds > self.max_images:
-            raise ValueError(f"{n_prompts} prompts x {n_seeds} seeds = {n_prompts * n_seeds} images per column "
-                             f"exceed this app's cap of {self.max_images}; use fewer prompts or seeds")
-        if settings.steps > self.max_steps:
-            raise ValueError(f"{settings.steps} steps exceed this app's cap of {self.max_steps}")
-        if max(settings.height, settings.width) > self.max_side:
-            raise ValueError(f"{settings.height}x{settings.width} px exceeds this app's cap of {self.max_side} px "
-                             f"per side")
-
-
-@dataclass(frozen=True)
 class ComparisonPrompts:
     erase: tuple[str, ...]  # prompts naming a target: the edit should remove it
     keep: tuple[str, ...]  # retain and neutral prompts: the edit should leave them alone

@@ -1,30 +1,37 @@
-"""Edits: computing one (`erase`), saving/loading it (safetensors + metadata), applying it (`applied`).
+"""An edit and its file format: patches on the denoiser's parameters, saved as safetensors + JSON metadata.
 
-An `Edit` holds only the new tensors of the modules it changes. `applied` writes them into the
-resident pipeline in place (no module replacement, so hooks, processors and compiled graphs stay
-valid) under the pipeline's lock, and restores the exact original tensors on exit, also on error.
+A patch is keyed like the UNet's state dict:
+
+- `<module>.weight` / `<module>.bias`, kind "tensor": the parameter's new value.
+- `<module>.output_mask`, kind "output_mask": one factor per output unit of that module, applied as a
+  row scaling of its weight and bias (y = m ⊙ (Wx + b) = (diag(m) W) x + m ⊙ b), so a neuron mask *is*
+  a weight edit.
+- `<module>.input_mask`, kind "input_mask": one factor per block of input columns (per input feature,
+  or per attention head before `to_out`), applied as a column scaling of the weight.
+
+Tensor patches use state-dict keys, so `unet.load_state_dict(load_file(path), strict=False)` also works
+for them outside this library. Writing and restoring edits lives in `apply.py`, computing them in
+`compute.py`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from .methods import get_method
-from .pipeline import fingerprint, original_weight, pipeline_state
-from .text import encode_texts, validate_concepts
 
 FORMAT = "erasure-studio-edit"
-FORMAT_VERSION = "1"
-MAX_CONCEPTS = 1000
-_KEY = re.compile(r"^[A-Za-z0-9_.]+\.attn2\.to_[kv]\.weight$")
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+PATCH_SUFFIXES = {"weight": "tensor", "bias": "tensor", "output_mask": "output_mask", "input_mask": "input_mask"}
+_KEY = re.compile(r"^(?P<module>[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)\.(?P<what>weight|bias|output_mask|input_mask)$")
+_VERSION_1_KEY = re.compile(r"^[A-Za-z0-9_.]+\.attn2\.to_[kv]\.weight$")
 
 
 class EditFileError(ValueError):
@@ -35,40 +42,67 @@ class EditMismatchError(ValueError):
     """An edit made for another base model (its fingerprint does not match this pipeline)."""
 
 
+@dataclass(frozen=True)
+class Patch:
+    kind: str  # "tensor" | "output_mask" | "input_mask"
+    value: torch.Tensor
+
+
+def module_of(key: str) -> str:
+    """'down_blocks.0.attentions.0...attn2.to_v.weight' -> 'down_blocks.0...attn2.to_v'."""
+    return key.rsplit(".", 1)[0]
+
+
 @dataclass
 class Edit:
-    weights: dict[str, torch.Tensor]  # UNet module name -> new weight
+    patches: dict[str, Patch]  # state-dict style key (see the module docstring) -> patch
     method: str
     params: dict[str, Any]
     targets: list[str]
     anchors: list[str]
     retain: list[str]
     model_id: str
-    fingerprint: str  # sha256 of the base tensors it replaces (see pipeline.fingerprint)
+    fingerprint: str  # sha256 of the base parameters it writes (see pipeline.fingerprint)
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor], *args, **kwargs) -> "Edit":
+        """An edit of new weight tensors by module name (what closed-form methods produce)."""
+        return cls({f"{name}.weight": Patch("tensor", w) for name, w in weights.items()}, *args, **kwargs)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """New weight tensors by module name (the tensor patches of weights; closed forms have only these)."""
+        return {module_of(key): patch.value for key, patch in self.patches.items()
+                if patch.kind == "tensor" and key.endswith(".weight")}
+
+    def modules(self) -> list[str]:
+        """Modules this edit changes, in key order."""
+        return list(dict.fromkeys(module_of(key) for key in self.patches))
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "method": self.method,
                 "params": json.dumps(self.params), "targets": json.dumps(self.targets),
                 "anchors": json.dumps(self.anchors), "retain": json.dumps(self.retain),
-                "model_id": self.model_id, "fingerprint": self.fingerprint, "stats": json.dumps(self.stats)}
+                "model_id": self.model_id, "fingerprint": self.fingerprint, "stats": json.dumps(self.stats),
+                "patches": json.dumps({key: patch.kind for key, patch in self.patches.items()})}
 
     def save(self, path: str | Path) -> Path:
-        """Save as safetensors: keys are UNet state-dict keys (`...attn2.to_v.weight`), so
-        `unet.load_state_dict(load_file(path), strict=False)` also works outside this library."""
+        """Save as safetensors (masks are stored as masks, not folded into weights)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"edit files are saved as .safetensors, got {path.name!r}")
-        tensors = {f"{name}.weight": w.detach().to("cpu").contiguous() for name, w in self.weights.items()}
+        tensors = {key: patch.value.detach().to("cpu").contiguous() for key, patch in self.patches.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=self.metadata())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Edit":
-        """Load and validate an edit file. Only safetensors are read: pickle files are refused."""
+        """Load and validate an edit file (format 2, or 1). Only safetensors are read: pickle is refused.
+        Whether it fits a pipeline is checked by `apply.check_applicable` (and on every apply)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -87,15 +121,18 @@ class Edit:
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> "Edit":
+        """Validate tensors + metadata read from a file; each way they can be wrong has its own message."""
         if meta.get("format") != FORMAT:
             raise EditFileError(f"{source!r} is a safetensors file but not an Erasure Studio edit "
                                 f"(metadata 'format' is {meta.get('format')!r})")
-        if meta.get("version") != FORMAT_VERSION:
-            raise EditFileError(f"{source!r} has edit format version {meta.get('version')!r}; this version reads "
-                                f"{FORMAT_VERSION!r}")
+        version = meta.get("version")
+        if version not in READABLE_VERSIONS:
+            raise EditFileError(f"{source!r} has edit format version {version!r}; this version reads "
+                                f"{' and '.join(READABLE_VERSIONS)}")
         try:
             fields = {k: json.loads(meta[k]) for k in ("params", "targets", "anchors", "retain", "stats")}
             method, model_id, digest = meta["method"], meta["model_id"], meta["fingerprint"]
+            kinds = json.loads(meta["patches"]) if version != "1" else {key: "tensor" for key in tensors}
         except (KeyError, json.JSONDecodeError) as error:
             raise EditFileError(f"{source!r} has missing or corrupt edit metadata ({error})") from None
         concept_lists = [fields[k] for k in ("targets", "anchors", "retain")]
@@ -105,143 +142,50 @@ class Edit:
             raise EditFileError(f"{source!r}: metadata needs one anchor per target")
         if not isinstance(fields["params"], dict) or not isinstance(fields["stats"], dict):
             raise EditFileError(f"{source!r}: metadata params and stats must be JSON objects")
+        if not isinstance(kinds, dict) or set(kinds) != set(tensors):
+            raise EditFileError(f"{source!r}: metadata 'patches' must name the kind of exactly the tensors stored")
         if not tensors:
             raise EditFileError(f"{source!r} holds no tensors")
-        weights = {}
-        for key, tensor in tensors.items():
-            if not _KEY.match(key):
-                raise EditFileError(f"{source!r} has tensor {key!r}; an edit may only hold attn2.to_k/to_v weights")
-            if tensor.ndim != 2 or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise EditFileError(f"{source!r}: tensor {key!r} is not a finite 2-D float matrix")
-            weights[key[: -len(".weight")]] = tensor
-        get_method(method)
-        return cls(weights, method, fields["params"], fields["targets"], fields["anchors"], fields["retain"],
+        try:
+            spec = get_method(method)
+            params = spec.parse_params(fields["params"])
+        except ValueError as error:
+            raise EditFileError(f"{source!r}: {error}") from None
+        allowed = spec.edits(params)
+        patches = {}
+        for key in sorted(tensors):
+            patch = Patch(kinds[key], tensors[key])
+            check_patch(key, patch, source, version)
+            if not module_of(key).endswith(allowed):
+                raise EditFileError(f"{source!r} changes {module_of(key)!r}, which method {spec.name!r} does not "
+                                    f"edit (it edits only modules ending in {', '.join(allowed)})")
+            patches[key] = patch
+        return cls(patches, method, fields["params"], fields["targets"], fields["anchors"], fields["retain"],
                    model_id, digest, fields["stats"])
 
 
-def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("",), retain: Sequence[str] = (),
-          *, max_concepts: int = MAX_CONCEPTS, progress: bool = False, **params) -> Edit:
-    """Compute an edit erasing `targets` (mapped onto `anchors`) while keeping `retain`.
-
-    The pipeline is only read: its weights are untouched until the edit is `applied`. `progress`
-    shows a bar while many concepts are encoded.
-    """
-    spec = get_method(method)
-    parsed = spec.parse_params(params)
-    state = pipeline_state(pipe)
-    concepts = validate_concepts(targets, anchors, retain, pipe.tokenizer, max_concepts)
-
-    start = time.perf_counter()
-    rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))
-    encoded = time.perf_counter()
-    names = [n for n in state.modules if n.endswith(spec.edits(parsed))]
-    with state.lock:  # read the base tensors, also if another thread has an edit applied
-        base = {n: original_weight(state, n) for n in names}
-        digest = fingerprint(state, names)
-        originals = {n: w.double() for n, w in base.items()}
-    device = next(iter(originals.values())).device
-    rows = type(rows)(*(_to(x, device) for x in (rows.targets, rows.anchors, rows.retain, rows.null)))
-    new = spec.solve(originals, rows, parsed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    solved = time.perf_counter()
-    for name, w in new.items():
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{spec.name} produced non-finite weights for {name}; the parameters make the system "
-                             f"singular (try a larger lamb / retain_scale)")
-    stats = {"encode_seconds": encoded - start, "solve_seconds": solved - encoded,
-             "layers": _layer_stats(originals, new, rows)}
-    weights = {n: w.to(base[n].dtype) for n, w in new.items()}
-    return Edit(weights, spec.name, {k: getattr(parsed, k) for k in spec.schema()}, list(concepts.targets),
-                list(concepts.anchors), list(concepts.retain), state.model_id, digest, stats)
-
-
-def _to(x, device):
-    return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
-
-
-STATS_ROWS = 128  # retain rows the per-layer drift is averaged over: a report, not a guarantee, so keep it cheap
-
-
-def _layer_stats(old: dict, new: dict, rows) -> dict[str, dict[str, float]]:
-    """Per layer: relative weight change, how far targets are from their anchors' outputs
-    (‖W't − Wa‖/‖Wa‖), and retain drift (‖(W'−W)r‖/‖Wr‖) over up to STATS_ROWS evenly spaced retain rows."""
-    targets, anchors = torch.cat(rows.targets), torch.cat(rows.anchors)
-    retain = rows.retain
-    if len(retain) > STATS_ROWS:
-        retain = retain[torch.linspace(0, len(retain) - 1, STATS_ROWS).long().to(retain.device)]
-    out = {}
-    for name, w in old.items():
-        delta = new[name] - w
-        goal = anchors @ w.T
-        stats = {"relative_change": float(delta.norm() / w.norm()),
-                 "target_residual": float(((targets @ new[name].T - goal).norm(dim=1)
-                                           / goal.norm(dim=1).clamp_min(1e-12)).mean())}
-        if retain.numel():
-            stats["retain_drift"] = float(((retain @ delta.T).norm(dim=1)
-                                           / (retain @ w.T).norm(dim=1).clamp_min(1e-12)).mean())
-        out[name] = stats
-    return out
-
-
-@contextmanager
-def applied(pipe, edit: Edit | None) -> Iterator[Any]:
-    """Hold the pipeline's lock with `edit` written into its weights; restore them bitwise on exit.
-
-    `applied(pipe, None)` holds the lock with the base weights in place (for original images).
-    Nested blocks compose: the inner edit wins on the modules it touches, and each exit restores
-    exactly what was there before it. Other threads wait for the lock.
-    """
-    state = pipeline_state(pipe)
-    with state.lock:
-        if edit is None:
-            writes = {name: state.originals[name] for name in state.originals}
-        else:
-            _check_applicable(state, edit)
-            writes = edit.weights
-        saved = {name: state.modules[name].weight.detach().clone() for name in writes}
-        before_versions = {name: (state.modules[name].weight.data_ptr(), state.modules[name].weight._version)
-                           for name in writes}
-        added = [name for name in writes if name not in state.originals]
-        for name in added:
-            state.originals[name] = saved[name]
-        written = []
-        try:
-            with torch.no_grad():
-                for name, tensor in writes.items():
-                    state.modules[name].weight.copy_(tensor)
-                    written.append(name)
-            yield pipe
-        finally:
-            with torch.no_grad():
-                for name in written:
-                    weight = state.modules[name].weight
-                    valid = state.digests.get(name, (None,))[0] == before_versions[name]
-                    weight.copy_(saved[name])
-                    if valid:  # the bytes are back bitwise: the digest still holds for the new version
-                        state.digests[name] = ((weight.data_ptr(), weight._version), state.digests[name][1])
-            for name in added:
-                del state.originals[name]
-
-
-def check_applicable(pipe, edit: Edit) -> None:
-    """Raise EditMismatchError unless `edit` was made for this pipeline's base weights (checked
-    without applying it, e.g. when an edit file is uploaded)."""
-    state = pipeline_state(pipe)
-    with state.lock:  # another thread may be writing an edit in; under the lock the base tensors read consistently
-        _check_applicable(state, edit)
-
-
-def _check_applicable(state, edit: Edit) -> None:
-    unknown = sorted(set(edit.weights) - set(state.modules))
-    if unknown:
-        raise EditMismatchError(f"the edit changes modules this pipeline does not have (e.g. {unknown[0]!r}); it "
-                                f"was made for {edit.model_id!r}")
-    for name, tensor in edit.weights.items():
-        shape = tuple(state.modules[name].weight.shape)
-        if tuple(tensor.shape) != shape:
-            raise EditMismatchError(f"the edit's {name} has shape {tuple(tensor.shape)} but this pipeline's is {shape}; "
-                                    f"it was made for {edit.model_id!r}, not {state.model_id!r}")
-    if fingerprint(state, edit.weights) != edit.fingerprint:
-        raise EditMismatchError(f"the edit was made for another base model ({edit.model_id!r}); this pipeline "
-                                f"({state.model_id!r}) has different weights in the layers it replaces")
+def check_patch(key: str, patch: Patch, source: str, version: str = FORMAT_VERSION) -> None:
+    """What a patch must be without knowing the model: a well-formed key of its kind, finite floats,
+    masks 1-D and within [0, 1]."""
+    match = _KEY.match(key)
+    if version == "1" and not _VERSION_1_KEY.match(key):
+        raise EditFileError(f"{source!r} has tensor {key!r}; a version-1 edit may only hold attn2.to_k/to_v weights")
+    if not match:
+        raise EditFileError(f"{source!r} has tensor {key!r}, which is not a parameter key (module path ending in "
+                            f".weight, .bias, .output_mask or .input_mask)")
+    expected = PATCH_SUFFIXES[match["what"]]
+    if patch.kind != expected:
+        raise EditFileError(f"{source!r}: tensor {key!r} is marked {patch.kind!r} but a .{match['what']} key holds "
+                            f"a {expected!r} patch")
+    value = patch.value
+    if not value.is_floating_point() or value.numel() == 0:
+        raise EditFileError(f"{source!r}: tensor {key!r} is not a non-empty float tensor")
+    if not torch.isfinite(value).all():
+        raise EditFileError(f"{source!r}: tensor {key!r} has NaN or infinite values")
+    if patch.kind != "tensor":
+        if value.ndim != 1:
+            raise EditFileError(f"{source!r}: mask {key!r} must be 1-D (one factor per unit), got shape "
+                                f"{tuple(value.shape)}")
+        if value.min() < 0 or value.max() > 1:
+            raise EditFileError(f"{source!r}: mask {key!r} has values outside [0, 1] "
+                                f"(min {float(value.min()):.4g}, max {float(value.max()):.4g})")

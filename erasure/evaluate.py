@@ -23,7 +23,6 @@ import numpy as np
 
 from . import scoring
 from .generate import wrap_words
-from .presets import KINDS
 from .provenance import package_versions
 from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
 
@@ -34,47 +33,13 @@ ROW_FIELDS = ("index", "set", "concept", "prompt", "seed", "original_key",
               "nude_classes_original", "nude_classes_edited")
 
 
-def add_evaluate_parser(commands, add_model_arguments, add_concept_arguments) -> None:
-    parser = commands.add_parser(
-        "evaluate", help="generate prompt sets with the original and edited model; CLIP, accuracy, FID/KID, "
-                         "NudeNet; write metrics.json/.csv/.md and plots (accelerate launch shards it)")
-    add_model_arguments(parser)
-    add_concept_arguments(parser)
-    parser.add_argument("--edit", default=None, help="evaluate this edit file instead of computing one")
-    parser.add_argument("--kind", default=None, choices=list(KINDS),
-                        help="prompt templates to use (default: the preset's kind, else object)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per prompt (default 2; --full 10)")
-    parser.add_argument("--full", action="store_true", help="paper-sized prompt sets: every template, the "
-                                                            "whole retain pool, 40 neutral prompts, 10 seeds")
-    parser.add_argument("--retain-count", type=int, default=None,
-                        help="retain concepts to prompt (a seeded sample; default 5, --full all; 0 = all)")
-    parser.add_argument("--neutral-count", type=int, default=None, help="neutral prompts (default 4; --full 40)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--scheduler", default=None)
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="(prompt, seed) pairs generated and scored together; fixes the numbers, so keep it "
-                             "when comparing runs")
-    parser.add_argument("--clip-model", default=None,
-                        help="open_clip model name (default ViT-L-14; 'tiny' random weights with --model tiny)")
-    parser.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default openai)")
-    parser.add_argument("--fid-features", default="auto", choices=["auto", "inception", "clip"],
-                        help="auto: Inception-v3 (the papers'), else the CLIP image encoder with a label saying so")
-    parser.add_argument("--originals", default=None,
-                        help="on-disk cache of original images (default: the app's, $ERASURE_CACHE/originals or "
-                             "~/.cache/erasure-studio/originals)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.set_defaults(run=cmd_evaluate)
-
-
 def cmd_evaluate(args) -> None:
     import torch
     from accelerate import PartialState
     from tqdm import tqdm
 
     import erasure
-    from .cli import concepts_and_params, settings_from_args
+    from .arguments import concepts_and_params, settings_from_args
     from .edit import Edit
     from .generate import OriginalCache, default_cache_folder, generate_pairs, image_key
     from .pipeline import model_identity

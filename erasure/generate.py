@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from contextlib import contextmanager
@@ -19,7 +18,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .edit import Edit, applied
+from .apply import applied, restore, write_edit
+from .edit import Edit
+from .lru import LRU
 from .pipeline import model_identity
 
 SCHEDULERS = {
@@ -81,22 +82,17 @@ class OriginalCache:
     def __init__(self, max_images: int = 1024, folder: str | Path | None = None):
         self.max_images = max_images
         self.folder = Path(folder) if folder else None
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._lock = threading.Lock()
+        self._images: LRU[Image.Image] = LRU(max_items=max_images)
 
     def get(self, key: str) -> Image.Image | None:
-        with self._lock:
-            if key in self._images:
-                self._images.move_to_end(key)
-                return self._images[key]
-        if self.folder and (self.folder / f"{key}.png").is_file():
+        image = self._images.get(key)
+        if image is None and self.folder and (self.folder / f"{key}.png").is_file():
             image = Image.open(self.folder / f"{key}.png").convert("RGB")
-            self._put(key, image)
-            return image
-        return None
+            self._images[key] = image
+        return image
 
     def put(self, key: str, image: Image.Image) -> None:
-        self._put(key, image)
+        self._images[key] = image
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Write, then rename: another process reading the folder never sees half a file.
@@ -104,51 +100,59 @@ class OriginalCache:
             image.save(partial)
             os.replace(partial, self.folder / f"{key}.png")
 
-    def _put(self, key, image):
-        with self._lock:
-            self._images[key] = image
-            while len(self._images) > self.max_images:
-                self._images.popitem(last=False)
-
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, edit: Edit | None = None,
-                    *, batch_size: int = 4, on_step: Callable[[int, int], None] | None = None,
+                    *, batch_size: int = 4, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
     """Images for every (prompt, seed) pair, prompt-major, with `edit` applied (None: the base model).
 
     Each image has its own CPU Generator seeded with its seed, so it does not depend on batching or on
-    the other prompts. `on_step(done, total)` reports denoising steps; `should_stop()` cancels.
+    the other prompts. `edit_from_step` k runs steps 0..k-1 with the base weights and the rest with the
+    edit (0: the edited model throughout; `settings.steps`: the original model). `on_step(done, total)`
+    reports denoising steps; `should_stop()` cancels.
     """
     return generate_pairs(pipe, [(p, int(s)) for p in prompts for s in seeds], settings, edit,
-                          batch_size=batch_size, on_step=on_step, should_stop=should_stop)
+                          batch_size=batch_size, edit_from_step=edit_from_step, on_step=on_step,
+                          should_stop=should_stop)
 
 
 def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, edit: Edit | None = None,
-                   *, batch_size: int = 4, on_step: Callable[[int, int], None] | None = None,
+                   *, batch_size: int = 4, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
     """Images for an explicit list of (prompt, seed) pairs, in batches of `batch_size` in list order."""
     settings.check()
+    if not 0 <= edit_from_step <= settings.steps:
+        raise ValueError(f"edit_from_step must be between 0 and the {settings.steps} steps, got {edit_from_step}")
+    swap_at = edit_from_step if edit is not None and 0 < edit_from_step < settings.steps else None
     pairs = [(p, int(s)) for p, s in pairs]
     total = len(pairs) * settings.steps
     done = 0
     images: list[Image.Image] = []
-    with applied(pipe, edit), _scheduler(pipe, settings.scheduler):
+    # The lock is held throughout (applied), so swapping the edit in between steps races with no one.
+    with applied(pipe, edit if edit_from_step == 0 else None), _scheduler(pipe, settings.scheduler):
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
+            swapped = []
 
             def step_end(pipeline, step, timestep, tensors):
                 nonlocal done
                 done += 1
+                if swap_at is not None and step + 1 == swap_at:
+                    swapped.append(write_edit(pipe, edit))
                 if on_step:
                     on_step(done, total)
                 if should_stop and should_stop():
                     pipeline._interrupt = True
                 return tensors
 
-            result = pipe([p for p, _ in batch], num_inference_steps=settings.steps,
-                          guidance_scale=settings.guidance, height=settings.height, width=settings.width,
-                          generator=[torch.Generator("cpu").manual_seed(s) for _, s in batch],
-                          callback_on_step_end=step_end)
+            try:
+                result = pipe([p for p, _ in batch], num_inference_steps=settings.steps,
+                              guidance_scale=settings.guidance, height=settings.height, width=settings.width,
+                              generator=[torch.Generator("cpu").manual_seed(s) for _, s in batch],
+                              callback_on_step_end=step_end)
+            finally:
+                for record in swapped:
+                    restore(pipe, record)
             if should_stop and should_stop():
                 raise GenerationCancelled("generation cancelled")
             images.extend(result.images)

@@ -1,7 +1,7 @@
 """Loading the resident pipeline, and the per-pipeline state the engine keeps beside it.
 
 `load_pipeline` returns the diffusers pipeline object itself; everything diffusers offers still works
-on it. The engine's own bookkeeping (model id, the lock, pristine copies of edited tensors, the text
+on it. The engine's own bookkeeping (model id, the lock, pristine copies of edited parameters, the text
 embedding cache) lives in a `PipelineState` attached to the pipeline, so no global registry is needed.
 """
 
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .lru import LRU, tensor_bytes
+
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-EDITABLE_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")  # what closed-form methods rewrite
+TEXT_CACHE_BYTES = 512 * 2**20  # encoded concept rows kept per pipeline
 
 
 class ModelLoadError(RuntimeError):
@@ -27,13 +29,17 @@ class ModelLoadError(RuntimeError):
 class PipelineState:
     model_id: str
     lock: threading.RLock = field(default_factory=threading.RLock)
-    # Pristine copies of the tensors an `applied` block has overwritten, by module name.
+    # Pristine copies of the parameters an edit has overwritten, by state-dict name.
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     # name -> ((data_ptr, version), digest): a tensor's digest stays valid until it is written to.
     digests: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)
-    text_cache: OrderedDict = field(default_factory=OrderedDict)
+    text_cache: LRU = field(default_factory=lambda: LRU(max_bytes=TEXT_CACHE_BYTES,
+                                                        size=lambda e: tensor_bytes(e.rows)))
     # Encoding needs no weights lock (edits never touch the text encoder), only a cache lock.
     text_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Every UNet parameter by state-dict name (what an edit may patch), and the cross-attention
+    # key/value projections by module name (what closed forms solve for).
+    parameters: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     modules: dict[str, torch.nn.Linear] = field(default_factory=dict)
 
 
@@ -44,31 +50,38 @@ def pipeline_state(pipe) -> PipelineState:
         state = PipelineState(model_id=str(name))
         # object.__setattr__: diffusers' own __setattr__ would try to register it as a component.
         object.__setattr__(pipe, "_erasure_state", state)
-    if not state.modules:
-        state.modules = editable_modules(pipe.unet)
+    if not state.parameters:
+        state.parameters = dict(pipe.unet.named_parameters())
+        state.modules = cross_attention_projections(pipe.unet)
     return state
 
 
-def editable_modules(unet) -> dict[str, torch.nn.Linear]:
+def cross_attention_projections(unet) -> dict[str, torch.nn.Linear]:
     """The cross-attention key/value projections closed-form methods rewrite, by UNet module name."""
     modules = {name: module for name, module in unet.named_modules()
-               if name.endswith(EDITABLE_SUFFIXES) and isinstance(module, torch.nn.Linear)}
+               if name.endswith(CROSS_ATTENTION_KV) and isinstance(module, torch.nn.Linear)}
     if not modules:
         raise ValueError("this UNet has no attn2.to_k / attn2.to_v projections; only SD-1.x/2.x-style UNets are "
                          "supported")
     return modules
 
 
-def original_weight(state: PipelineState, name: str) -> torch.Tensor:
-    """The base model's tensor for `name`, also while an edit is applied."""
+def original_parameter(state: PipelineState, name: str) -> torch.Tensor:
+    """The base model's tensor for parameter `name` (e.g. `...attn2.to_v.weight`), also while an edit is
+    applied."""
     if name in state.originals:
         return state.originals[name]
-    return state.modules[name].weight.detach()
+    return state.parameters[name].detach()
 
 
-def weight_digest(state: PipelineState, name: str) -> str:
+def original_weight(state: PipelineState, module: str) -> torch.Tensor:
+    """The base weight of a module, by module name."""
+    return original_parameter(state, f"{module}.weight")
+
+
+def parameter_digest(state: PipelineState, name: str) -> str:
     """sha256 of the base tensor rounded to fp16, so fp32 and fp16 loads of one model agree."""
-    tensor = original_weight(state, name)
+    tensor = original_parameter(state, name)
     key = (tensor.data_ptr(), tensor._version)
     cached = state.digests.get(name)
     if cached and cached[0] == key:
@@ -79,12 +92,15 @@ def weight_digest(state: PipelineState, name: str) -> str:
     return digest
 
 
-def fingerprint(state: PipelineState, names) -> str:
-    """One digest of the base tensors an edit replaces: an edit applies only where this matches."""
+def fingerprint(state: PipelineState, parameters) -> str:
+    """One digest of the base parameters an edit writes: an edit applies only where this matches.
+
+    A weight is hashed under its module's name (format 1 hashed modules' weights only), so fingerprints of
+    version-1 edit files stay valid."""
     h = hashlib.sha256()
-    for name in sorted(names):
-        h.update(name.encode())
-        h.update(weight_digest(state, name).encode())
+    for name in sorted(parameters, key=lambda n: n.removesuffix(".weight")):
+        h.update(name.removesuffix(".weight").encode())
+        h.update(parameter_digest(state, name).encode())
     return h.hexdigest()
 
 
@@ -93,8 +109,8 @@ def model_identity(pipe) -> str:
     device type (fp16 on CUDA and fp32 on CPU draw different images), and the editable base weights."""
     state = pipeline_state(pipe)
     with state.lock:
-        digest = fingerprint(state, state.modules)
-    device = next(iter(state.modules.values())).weight.device.type
+        digest = fingerprint(state, [f"{name}.weight" for name in state.modules])
+    device = next(iter(state.parameters.values())).device.type
     return f"{state.model_id}|{pipe.unet.dtype}|{device}|{digest[:16]}"
 
 

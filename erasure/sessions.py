@@ -10,41 +10,36 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from collections import OrderedDict
 from typing import Iterable
 
-from .edit import Edit
+from .edit import Edit, Patch
+from .lru import LRU
 
 
 class EditStore:
     def __init__(self, max_edits: int = 64):
         self.max_edits = max_edits
-        self._edits: OrderedDict[str, Edit] = OrderedDict()
-        self._lock = threading.Lock()
+        self._edits: LRU[Edit] = LRU(max_items=max_edits)
 
     def add(self, edit: Edit) -> str:
         """Keep `edit` (its tensors moved to host memory: tens of edits must not hold GPU memory; applying
         copies them to the device) and return its id."""
-        edit = dataclasses.replace(edit, weights={name: w.detach().to("cpu") for name, w in edit.weights.items()})
+        edit = dataclasses.replace(edit, patches={key: Patch(p.kind, p.value.detach().to("cpu"))
+                                                  for key, p in edit.patches.items()})
         edit_id = secrets.token_hex(8)
-        with self._lock:
-            self._edits[edit_id] = edit
-            while len(self._edits) > self.max_edits:
-                self._edits.popitem(last=False)
+        self._edits[edit_id] = edit
         return edit_id
 
     def get(self, edit_id: str) -> Edit:
-        with self._lock:
-            if edit_id not in self._edits:
-                raise ValueError("this edit is no longer held by the server (the app keeps the most recent "
-                                 f"{self.max_edits}); erase again or upload its .safetensors file")
-            self._edits.move_to_end(edit_id)
-            return self._edits[edit_id]
+        edit = self._edits.get(edit_id)
+        if edit is None:
+            raise ValueError("this edit is no longer held by the server (the app keeps the most recent "
+                             f"{self.max_edits}); erase again or upload its .safetensors file")
+        return edit
 
     def discard(self, edit_ids: Iterable[str]) -> None:
-        with self._lock:
-            for edit_id in edit_ids:
-                self._edits.pop(edit_id, None)
+        for edit_id in edit_ids:
+            self._edits.pop(edit_id)
 
     def __len__(self) -> int:
         return len(self._edits)

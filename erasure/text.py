@@ -14,8 +14,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from .limits import MAX_RETAIN, check_concept_counts
+
 ENCODE_BATCH = 256
-TEXT_CACHE_SIZE = 50_000
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
         if target.lower() in seen:
             raise ValueError(f"target concept {target!r} is given twice; list each concept once")
         seen[target.lower()] = target
-    if len(targets) > max_concepts:
-        raise ValueError(f"{len(targets)} target concepts exceed the cap of {max_concepts}; erase fewer at once "
-                         f"or raise max_concepts")
+    check_concept_counts(len(targets), 0, max_targets=max_concepts)
     anchors = [str(a).strip() for a in anchors]
     if len(anchors) == 1:
         anchors = anchors * len(targets)
@@ -78,8 +77,7 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
             retain_clean.append(concept)
     if dropped:
         warnings.warn(f"retain concepts {dropped} are also targets and were left out of the retain set")
-    if len(retain_clean) > max_concepts * 20:
-        raise ValueError(f"{len(retain_clean)} retain concepts exceed the cap of {max_concepts * 20}")
+    check_concept_counts(len(targets), len(retain_clean), max_targets=max_concepts, max_retain=MAX_RETAIN)
     texts = targets + anchors + retain_clean
     for concept, ids in zip(texts, tokenizer(texts, truncation=False).input_ids):
         n_tokens = len(ids)
@@ -107,7 +105,8 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
     from tqdm.auto import tqdm
 
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    todo = list(dict.fromkeys(t for t in texts if (t, full_length) not in cache))
+    found = {t: e for t in dict.fromkeys(texts) if (e := cache.get((t, full_length))) is not None}
+    todo = [t for t in dict.fromkeys(texts) if t not in found]
     if todo and not full_length:  # batch texts of similar length together: less padding to encode
         lengths = dict(zip(todo, map(len, tokenizer(todo, truncation=True).input_ids)))
         todo.sort(key=lengths.get)
@@ -120,11 +119,5 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
         lengths = tokens.attention_mask.sum(1)
         for i, text in enumerate(batch):
             keep = hidden.shape[1] if full_length else int(lengths[i])
-            cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), int(lengths[i]) - 2)
-    result = []
-    for text in texts:
-        cache.move_to_end((text, full_length))
-        result.append(cache[(text, full_length)])
-    while len(cache) > TEXT_CACHE_SIZE:
-        cache.popitem(last=False)
-    return result
+            found[text] = cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), int(lengths[i]) - 2)
+    return [found[text] for text in texts]

@@ -20,13 +20,13 @@ def pipe():
 
 
 def snapshot(pipe) -> dict[str, torch.Tensor]:
-    """Copies of every editable tensor, to assert the pipeline is untouched."""
-    return {name: m.weight.detach().clone() for name, m in pipeline_state(pipe).modules.items()}
+    """Copies of every UNet parameter (what an edit may write), to assert the pipeline is untouched."""
+    return {name: p.detach().clone() for name, p in pipeline_state(pipe).parameters.items()}
 
 
 def assert_untouched(pipe, before: dict[str, torch.Tensor]) -> None:
-    for name, module in pipeline_state(pipe).modules.items():
-        assert torch.equal(module.weight, before[name]), f"{name} changed"
+    for name, parameter in pipeline_state(pipe).parameters.items():
+        assert torch.equal(parameter, before[name]), f"{name} changed"
     assert not pipeline_state(pipe).originals, "an edit is still marked as applied"
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import app
 import erasure
-from erasure.compare import Limits
+from erasure.limits import Limits
 from erasure.generate import Settings, generate_images
 from erasure.pipeline import pipeline_state
 from erasure.scoring import load_clip_scorer
@@ -79,7 +79,7 @@ def test_every_event_has_an_api_name(server):
 
 def test_erase_then_generate_gives_a_captioned_same_seed_grid_and_run_record(pipe, client, untouched):
     compared, report, edit_file = erase(client, "Snoopy")
-    assert compared == ["#1 UCE: Snoopy"] and "matrices changed" in report
+    assert compared == ["#1 UCE: Snoopy"] and "modules changed" in report
     # The downloaded edit is the engine's file, bitwise the edit the library computes for these concepts.
     downloaded, reference = erasure.Edit.load(edit_file), erasure.erase(pipe, "uce", ["Snoopy"], [""], ["Mickey"])
     assert all(torch.equal(downloaded.weights[n], w) for n, w in reference.weights.items())

@@ -82,7 +82,7 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, tmp
     page.fill("#targets textarea", "Snoopy")
     page.fill("#retain textarea", "Mickey, Garfield")
     page.click("#erase")
-    page.wait_for_selector("#edit-report :text('matrices changed')")
+    page.wait_for_selector("#edit-report :text('modules changed')")
     assert page.is_checked("#compared input[type=checkbox]")  # the new edit is a column to compare
 
     page.fill("#erase-prompts textarea", "a photo of Snoopy")

@@ -52,12 +52,12 @@ def test_nested_applied_composes_and_unwinds(pipe, edits, untouched):
                 assert_base(pipe, untouched)
         for name, tensor in outer.weights.items():
             assert torch.equal(modules[name].weight, tensor)
-        assert set(pipeline_state(pipe).originals) == set(outer.weights)
+        assert set(pipeline_state(pipe).originals) == set(outer.patches)
 
 
 def assert_base(pipe, base):
-    for name, module in pipeline_state(pipe).modules.items():
-        assert torch.equal(module.weight, base[name])
+    for name, parameter in pipeline_state(pipe).parameters.items():
+        assert torch.equal(parameter, base[name])
 
 
 def test_concurrent_threads_each_see_only_their_own_edit(pipe, edits, untouched):
@@ -135,6 +135,6 @@ def test_restored_weights_keep_their_digest_so_the_next_apply_does_not_rehash(pi
     edit = edits["snoopy"]
     with erasure.applied(pipe, edit):
         pass
-    for name in edit.weights:
-        weight = state.modules[name].weight
+    for name in edit.patches:
+        weight = state.parameters[name]
         assert state.digests[name][0] == (weight.data_ptr(), weight._version)  # cache entry is current

@@ -71,18 +71,19 @@ def test_safetensors_without_edit_metadata_is_refused(tmp_path, snoopy_edit):
         erasure.Edit.load(path)
 
 
-def test_edit_file_with_foreign_tensors_is_refused(tmp_path, snoopy_edit):
+def test_edit_file_with_tensors_its_metadata_does_not_list_is_refused(tmp_path, snoopy_edit):
     path = tmp_path / "sneaky.safetensors"
     tensors = {f"{n}.weight": w for n, w in snoopy_edit.weights.items()}
     tensors["conv_in.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(path), metadata=snoopy_edit.metadata())
-    with pytest.raises(erasure.EditFileError, match="may only hold attn2.to_k/to_v weights"):
+    with pytest.raises(erasure.EditFileError, match="'patches' must name the kind of exactly the tensors stored"):
         erasure.Edit.load(path)
 
 
 def test_edit_with_wrong_shapes_is_refused_and_pipeline_untouched(pipe, untouched, snoopy_edit):
     name = next(iter(snoopy_edit.weights))
-    broken = erasure.Edit({name: torch.zeros(3, 3)}, "speed", {}, ["x"], [""], [], "tiny", snoopy_edit.fingerprint)
+    broken = erasure.Edit.from_weights({name: torch.zeros(3, 3)}, "speed", {}, ["x"], [""], [], "tiny",
+                                       snoopy_edit.fingerprint)
     with pytest.raises(erasure.EditMismatchError, match="has shape"):
         with erasure.applied(pipe, broken):
             pass

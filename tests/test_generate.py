@@ -37,8 +37,8 @@ def test_prompt_with_all_tokens_preserved_renders_identically_after_speed(pipe, 
     names = [n for n in state.modules if n.endswith("to_v")]
     weights = {n: state.modules[n].weight.detach().double() for n in names}
     new = speed(weights, rows, SpeedParams(threshold=1e-9, disable_filter=True))
-    edit = Edit({n: w.float() for n, w in new.items()}, "speed", {}, ["Snoopy"], [""], [KEPT_PROMPT],
-                state.model_id, fingerprint(state, names))
+    edit = Edit.from_weights({n: w.float() for n, w in new.items()}, "speed", {}, ["Snoopy"], [""], [KEPT_PROMPT],
+                                   state.model_id, fingerprint(state, [f"{n}.weight" for n in names]))
 
     # Strong guidance amplifies the conditional branch, the only place the edit can act on random weights.
     settings = Settings(steps=3, guidance=15.0, height=64, width=64)

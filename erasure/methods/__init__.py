@@ -23,6 +23,10 @@ class ConceptRows:
     retain: torch.Tensor  # [m, d]
     null: torch.Tensor  # [77, d]: every row of the empty prompt, BOS first
 
+    def to(self, device) -> "ConceptRows":
+        return ConceptRows([t.to(device) for t in self.targets], [a.to(device) for a in self.anchors],
+                           self.retain.to(device), self.null.to(device))
+
 
 @dataclass(frozen=True)
 class Method:

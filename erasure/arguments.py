@@ -1,0 +1,73 @@
+"""What the command-line arguments mean: the model, concept and method flags shared by `erase` and
+`evaluate`, and turning parsed arguments into concepts, method parameters and generation settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .methods import METHODS
+from .pipeline import DEFAULT_MODEL
+from .text import split_concepts
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="speed", choices=sorted(METHODS))
+    parser.add_argument("--preset", default=None, help="fills targets, anchors, retain and the method's settings")
+    parser.add_argument("--targets", default=None, help="comma-separated concepts to erase (overrides the preset)")
+    parser.add_argument("--anchors", default=None, help="comma-separated anchors: one, or one per target")
+    parser.add_argument("--retain", default=None, help="comma-separated concepts to keep (overrides the preset)")
+    parser.add_argument("--retain-file", default=None, help="a text file with one retain concept per line")
+    # One flag per parameter name; methods sharing a name (lamb, seed, ...) each keep their own default.
+    by_name: dict[str, list] = {}
+    for method in METHODS.values():
+        for name, spec in method.schema().items():
+            by_name.setdefault(name, []).append((method.name, spec))
+    for name, specs in by_name.items():
+        if len({spec["help"] for _, spec in specs}) == 1:
+            defaults = ", ".join(f"{method} {spec['default']!r}" for method, spec in specs)
+            text = f"{specs[0][1]['help']} (default: {defaults})"
+        else:
+            text = "; ".join(f"{method}: {spec['help']} (default {spec['default']!r})" for method, spec in specs)
+        parser.add_argument(f"--{name}", default=None, help=text)
+
+
+def concepts_and_params(args) -> tuple[list[str], list[str], list[str], dict]:
+    """Targets, anchors, retain and method parameters from a preset, overridden by explicit flags."""
+    from .presets import load_preset
+
+    targets, anchors, retain, params = [], [""], [], {}
+    if args.preset:
+        preset = load_preset(args.preset)
+        targets, anchors, retain = list(preset.targets), list(preset.anchors), list(preset.retain)
+        params = preset.method_params(args.method)
+    if args.targets is not None:
+        targets = split_concepts(args.targets)
+    if args.anchors is not None:
+        anchors = [a.strip() for a in args.anchors.split(",")]
+    if args.retain is not None:
+        retain = split_concepts(args.retain)
+    if args.retain_file:
+        retain = [line.strip() for line in Path(args.retain_file).read_text("utf-8").splitlines() if line.strip()]
+    schema = METHODS[args.method].schema()
+    for name in schema:
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
+    return targets, anchors, retain, params
+
+
+def settings_from_args(pipe, args):
+    """Generation settings: the model's defaults, overridden by --steps/--guidance/--size/--scheduler."""
+    from .generate import default_settings
+
+    overrides = {k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
+                 if v is not None}
+    if args.size:
+        overrides.update(height=args.size, width=args.size)
+    return default_settings(pipe, **overrides)

@@ -1,0 +1,114 @@
+"""Computing an edit: concepts -> token rows -> a method's solve -> an `Edit` with its statistics.
+
+The pipeline is only read here; writing an edit in is `apply.py`'s job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from .apply import effective_parameters
+from .edit import Edit, Patch, check_patch, module_of
+from .limits import MAX_TARGETS
+from .methods import ConceptRows, get_method
+from .pipeline import PipelineState, fingerprint, original_parameter, original_weight, pipeline_state
+from .text import encode_texts, validate_concepts
+
+STATS_ROWS = 128  # retain rows the per-layer drift is averaged over: a report, not a guarantee, so keep it cheap
+
+
+def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("",), retain: Sequence[str] = (),
+          *, max_concepts: int = MAX_TARGETS, progress: bool = False, **params) -> Edit:
+    """Compute an edit erasing `targets` (mapped onto `anchors`) while keeping `retain`.
+
+    The pipeline is only read: its weights are untouched until the edit is `applied`. `progress`
+    shows a bar while many concepts are encoded.
+    """
+    spec = get_method(method)
+    parsed = spec.parse_params(params)
+    state = pipeline_state(pipe)
+    concepts = validate_concepts(targets, anchors, retain, pipe.tokenizer, max_concepts)
+
+    start = time.perf_counter()
+    rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))
+    encoded = time.perf_counter()
+    names = [n for n in state.modules if n.endswith(spec.edits(parsed))]
+    if not names:
+        raise ValueError(f"this pipeline has no modules {spec.name} edits (modules ending in "
+                         f"{', '.join(spec.edits(parsed))})")
+    with state.lock:  # read the base tensors, also if another thread has an edit applied
+        base = {n: original_weight(state, n) for n in names}
+        digest = fingerprint(state, [f"{n}.weight" for n in names])
+        originals = {n: w.double() for n, w in base.items()}
+    device = next(iter(originals.values())).device
+    rows = rows.to(device)
+    new = spec.solve(originals, rows, parsed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    solved = time.perf_counter()
+    for name, w in new.items():
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{spec.name} produced non-finite weights for {name}; the parameters make the system "
+                             f"singular (try a larger lamb / retain_scale)")
+    edit = Edit.from_weights({n: w.to(base[n].dtype) for n, w in new.items()}, spec.name,
+                             {k: getattr(parsed, k) for k in spec.schema()}, list(concepts.targets),
+                             list(concepts.anchors), list(concepts.retain), state.model_id, digest)
+    edit.stats = {"encode_seconds": encoded - start, "solve_seconds": solved - encoded,
+                  "layers": layer_stats(state, edit, rows)}
+    return edit
+
+
+def layer_stats(state: PipelineState, edit: Edit, rows: ConceptRows | None = None) -> dict[str, dict[str, float]]:
+    """Per changed module: the relative change of its effective weight ‖W′ − W‖/‖W‖ (any patch kind) and,
+    when the method works on token rows, how far targets are from their anchors' outputs (‖W′t − Wa‖/‖Wa‖)
+    and the retain drift (‖(W′−W)r‖/‖Wr‖) over up to STATS_ROWS evenly spaced retain rows."""
+    with state.lock:
+        written = {name: value for name, value in effective_parameters(state, edit).items()
+                   if name.endswith(".weight")}
+        base = {name: original_parameter(state, name) for name in written}
+    if rows is not None:
+        targets, anchors, retain = torch.cat(rows.targets), torch.cat(rows.anchors), rows.retain
+        if len(retain) > STATS_ROWS:
+            retain = retain[torch.linspace(0, len(retain) - 1, STATS_ROWS).long().to(retain.device)]
+    out = {}
+    for key, w in base.items():
+        module = key.removesuffix(".weight")
+        w = w.double()
+        new = written[key].to(w.device, torch.float64)
+        delta = new - w
+        stats = {"relative_change": float(delta.norm() / w.norm().clamp_min(1e-30))}
+        if rows is not None and w.ndim == 2 and w.shape[1] == targets.shape[1]:
+            goal = anchors.to(w.device) @ w.T
+            stats["target_residual"] = float(((targets.to(w.device) @ new.T - goal).norm(dim=1)
+                                              / goal.norm(dim=1).clamp_min(1e-12)).mean())
+            if retain.numel():
+                r = retain.to(w.device)
+                stats["retain_drift"] = float(((r @ delta.T).norm(dim=1) / (r @ w.T).norm(dim=1).clamp_min(1e-12))
+                                              .mean())
+        out[module] = stats
+    return out
+
+
+def edit_from_patches(pipe, method: str, params: dict, patches: dict[str, Patch], concepts, stats: dict | None = None
+                      ) -> Edit:
+    """An `Edit` of arbitrary patches made by `method` (trained methods build theirs this way): fingerprinted
+    over exactly the parameters it writes, with per-layer statistics of every patch kind."""
+    from .apply import touched_parameters
+
+    spec = get_method(method)
+    allowed = spec.edits(spec.parse_params(params))
+    for key, patch in patches.items():
+        check_patch(key, patch, f"{method} edit")
+        if not module_of(key).endswith(allowed):
+            raise ValueError(f"{method} may not change {module_of(key)!r} (it declares modules ending in "
+                             f"{', '.join(allowed)})")
+    state = pipeline_state(pipe)
+    edit = Edit(patches, method, params, list(concepts.targets), list(concepts.anchors), list(concepts.retain),
+                state.model_id, "")
+    with state.lock:
+        edit.fingerprint = fingerprint(state, touched_parameters(state, edit))
+    edit.stats = {**(stats or {}), "layers": layer_stats(state, edit)}
+    return edit
