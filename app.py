@@ -303,10 +303,11 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                     kind = gr.Dropdown(list(KINDS), value="object", label="Kind (picks prompt templates)",
                                        scale=2)
                 targets = gr.Textbox(label="Target: concepts to erase", placeholder="e.g. Snoopy, Mickey",
-                                     info="comma or newline separated", elem_id="targets")
+                                     info="comma-separated on one line, or one per line", elem_id="targets")
                 anchors = gr.Textbox(label="Anchor: what targets become", placeholder="empty = the empty prompt",
                                      info="one for all targets, or one per target", elem_id="anchors")
                 retain = gr.Textbox(label="Retain: concepts to keep", lines=3, max_lines=8,
+                                    info="comma-separated on one line, or one per line (names may hold commas)",
                                     placeholder="e.g. Pikachu, Garfield", elem_id="retain")
                 method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method")
                 method_summary = gr.Markdown(elem_classes="method-summary")

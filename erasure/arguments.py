@@ -38,6 +38,22 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", default=None, help=text)
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed is a whole number from 0 to 2**63 - 1 (what torch.Generator takes)."""
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**63:
+        raise argparse.ArgumentTypeError(f"seed {text!r} is not a whole number from 0 to 2**63 - 1")
+    return int(text)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    from .generate import SCHEDULERS
+
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default pndm)")
+
+
 def concepts_and_params(args) -> tuple[list[str], list[str], list[str], dict]:
     """Targets, anchors, retain and method parameters from a preset, overridden by explicit flags."""
     from .presets import load_preset

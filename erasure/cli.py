@@ -7,7 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .arguments import add_concept_arguments, add_model_arguments, concepts_and_params, settings_from_args
+from .arguments import (add_concept_arguments, add_generation_arguments, add_model_arguments, concepts_and_params,
+                        seed, settings_from_args)
 from .evaluate import cmd_evaluate
 from .methods import METHODS
 from .pipeline import ModelLoadError
@@ -34,14 +35,24 @@ def cmd_generate(args) -> None:
     import erasure
     from .generate import comparison_grid, generate_images
 
+    from PIL import Image
+
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out!r} is not an image file name; use .png or .jpg")  # before, not after, the work
     pipe = erasure.load_pipeline(args.model, device=args.device)
     edit = erasure.Edit.load(args.edit) if args.edit else None
     settings = settings_from_args(pipe, args)
     columns, titles = [], ["original"] + ([f"edited ({edit.method})"] if edit else [])
+
+    def report(bar):
+        def on_step(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        return on_step
+
     for title, which in zip(titles, [None, edit]):
-        with tqdm(total=len(args.prompt) * len(args.seeds) * settings.steps, desc=title, unit="step") as bar:
-            columns.append(generate_images(pipe, args.prompt, args.seeds, settings, which,
-                                           on_step=lambda done, total: bar.update(done - bar.n)))
+        with tqdm(desc=title, unit="step") as bar:
+            columns.append(generate_images(pipe, args.prompt, args.seeds, settings, which, on_step=report(bar)))
     labels = [f"{p}  (seed {s})" for p in args.prompt for s in args.seeds]
     grid = comparison_grid(labels, titles, columns)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -71,10 +82,7 @@ def add_evaluate_parser(commands) -> None:
     parser.add_argument("--retain-count", type=int, default=None,
                         help="retain concepts to prompt (a seeded sample; default 5, --full all; 0 = all)")
     parser.add_argument("--neutral-count", type=int, default=None, help="neutral prompts (default 4; --full 40)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--scheduler", default=None)
+    add_generation_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=4,
                         help="(prompt, seed) pairs generated and scored together; fixes the numbers, so keep it "
                              "when comparing runs")
@@ -103,17 +111,15 @@ def main(argv=None) -> int:
     generate = commands.add_parser("generate", help="same-seed grid: rows prompt x seed, columns original | edited")
     add_model_arguments(generate)
     generate.add_argument("--edit", default=None, help="an edit .safetensors file")
-    generate.add_argument("--prompt", nargs="+", required=True)
-    generate.add_argument("--seeds", nargs="+", type=int, default=[0])
-    generate.add_argument("--steps", type=int, default=None)
-    generate.add_argument("--guidance", type=float, default=None)
-    generate.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    generate.add_argument("--scheduler", default=None)
-    generate.add_argument("--out", default="grid.png")
+    generate.add_argument("--prompt", nargs="+", required=True, help="one or more prompts (quote each)")
+    generate.add_argument("--seeds", nargs="+", type=seed, default=[0],
+                          help="one image per prompt and seed (whole numbers 0 to 2**63 - 1; default 0)")
+    add_generation_arguments(generate)
+    generate.add_argument("--out", default="grid.png", help="the grid image (.png or .jpg; default grid.png)")
     generate.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser("bench", help="time text encoding and solves on full-size SD-1.4 (random weights)")
-    bench.add_argument("--device", default=None)
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100])
     bench.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the table shows medians")

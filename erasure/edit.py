@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .limits import MAX_METADATA_BYTES, MAX_RETAIN, MAX_TARGETS
 from .methods import get_method
 
 FORMAT = "erasure-studio-edit"
@@ -125,6 +126,10 @@ class Edit:
         if meta.get("format") != FORMAT:
             raise EditFileError(f"{source!r} is a safetensors file but not an Erasure Studio edit "
                                 f"(metadata 'format' is {meta.get('format')!r})")
+        size = sum(len(key) + len(value) for key, value in meta.items())
+        if size > MAX_METADATA_BYTES:
+            raise EditFileError(f"{source!r} has {size / 2**20:.1f} MiB of metadata; edit files may hold at most "
+                                f"{MAX_METADATA_BYTES / 2**20:.0f} MiB")
         version = meta.get("version")
         if version not in READABLE_VERSIONS:
             raise EditFileError(f"{source!r} has edit format version {version!r}; this version reads "
@@ -140,6 +145,9 @@ class Edit:
             raise EditFileError(f"{source!r}: metadata targets, anchors and retain must be lists of strings")
         if not fields["targets"] or len(fields["anchors"]) != len(fields["targets"]):
             raise EditFileError(f"{source!r}: metadata needs one anchor per target")
+        if len(fields["targets"]) > MAX_TARGETS or len(fields["retain"]) > MAX_RETAIN:
+            raise EditFileError(f"{source!r} lists {len(fields['targets'])} targets and {len(fields['retain'])} "
+                                f"retain concepts; edits hold at most {MAX_TARGETS} and {MAX_RETAIN}")
         if not isinstance(fields["params"], dict) or not isinstance(fields["stats"], dict):
             raise EditFileError(f"{source!r}: metadata params and stats must be JSON objects")
         if not isinstance(kinds, dict) or set(kinds) != set(tensors):

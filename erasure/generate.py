@@ -125,18 +125,20 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
         raise ValueError(f"edit_from_step must be between 0 and the {settings.steps} steps, got {edit_from_step}")
     swap_at = edit_from_step if edit is not None and 0 < edit_from_step < settings.steps else None
     pairs = [(p, int(s)) for p, s in pairs]
-    total = len(pairs) * settings.steps
     done = 0
     images: list[Image.Image] = []
     # The lock is held throughout (applied), so swapping the edit in between steps races with no one.
     with applied(pipe, edit if edit_from_step == 0 else None), _scheduler(pipe, settings.scheduler):
+        # Progress counts UNet iterations per image: some schedulers run more than `steps` (PNDM: one more).
+        pipe.scheduler.set_timesteps(settings.steps)
+        total = len(pairs) * len(pipe.scheduler.timesteps)
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
             swapped = []
 
             def step_end(pipeline, step, timestep, tensors):
                 nonlocal done
-                done += 1
+                done += len(batch)  # one callback per batched step advances every image in the batch
                 if swap_at is not None and step + 1 == swap_at:
                     swapped.append(write_edit(pipe, edit))
                 if on_step:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 MAX_TARGETS = 1000  # target concepts one library call erases
 MAX_RETAIN = 20_000  # retain concepts one library call encodes
+MAX_METADATA_BYTES = 8 * 2**20  # an edit file's JSON metadata (its concept lists are most of it)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ for every prompt because the CLIP text encoder is causal. SPEED's all-token mode
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -41,8 +40,13 @@ class Concepts:
 
 
 def split_concepts(text: str) -> list[str]:
-    """'a, b\\nc' -> ['a', 'b', 'c'] (the app's comma/newline-separated fields)."""
-    return [part.strip() for part in re.split(r"[,\n]", text or "") if part.strip()]
+    """One concept per line; a single line is split on commas. So 'Snoopy, Mickey' -> ['Snoopy', 'Mickey'],
+    while a list with one name per line keeps names that contain commas ('Huey, Dewey and Louie').
+    The app's fields and the CLI's --targets/--retain share this rule."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(lines) == 1:
+        lines = lines[0].split(",")
+    return [part.strip() for part in lines if part.strip()]
 
 
 def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Sequence[str], tokenizer,

@@ -1,5 +1,6 @@
 """`python -m erasure erase | generate` on the tiny model, run in-process through cli.main."""
 
+import pytest
 from PIL import Image
 
 import erasure
@@ -51,3 +52,17 @@ def test_bench_prints_a_table_and_json(tmp_path, capsys):
     assert [(r["method"], r["concepts"]) for r in results] == [("speed", 1), ("speed", 3), ("uce", 1), ("uce", 3)]
     assert all(r["solve_s"] > 0 and r["total_s"] >= r["solve_s"] for r in results)
     assert (tmp_path / "bench.json").read_text().startswith("[")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "1.5"])
+def test_generate_refuses_seeds_torch_cannot_take_before_any_work(seed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "tiny", "--prompt", "x", "--seeds", seed])
+    assert exit_info.value.code == 2
+    assert f"seed {seed!r} is not a whole number from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_grid_file_name_pillow_cannot_write_before_generating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(erasure, "load_pipeline", None)  # any model load would fail loudly: none must happen
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "grid.txt")]) == 2
+    assert "is not an image file name; use .png or .jpg" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Bad input: every mistake gets a specific ValueError and leaves the shared pipeline untouched."""
 
+import json
 import math
 
 import pytest
@@ -97,6 +98,8 @@ def test_unknown_model_gives_one_clear_sentence():
 
 
 @pytest.mark.parametrize("field,value,message", [
+    ("retain", json.dumps(["x" * 200] * 50_000), "MiB of metadata; edit files may hold at most 8 MiB"),
+    ("retain", json.dumps([f"c{i}" for i in range(20_001)]), "edits hold at most 1000 and 20000"),
     ("targets", '"Snoopy"', "must be lists of strings"),
     ("targets", "[1, 2]", "must be lists of strings"),
     ("anchors", '["", ""]', "one anchor per target"),

@@ -94,6 +94,19 @@ def test_cancel_stops_generation_and_restores_weights(pipe, untouched):
     assert len(steps) < 5 * SETTINGS.steps
 
 
+def test_progress_counts_every_image_of_a_batched_step_and_ends_at_the_total(pipe, untouched):
+    reports, latents = [], []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: latents.append(args[0].shape[0] // 2))  # CFG
+    try:
+        generate_images(pipe, ["a", "b", "c"], [0], SETTINGS, batch_size=2,
+                        on_step=lambda done, total: reports.append((done, total)))
+    finally:
+        hook.remove()
+    # every image's every UNet evaluation counted once (PNDM runs steps + 1), and the bar ends at 100%
+    assert reports[-1] == (sum(latents), sum(latents)) and sum(latents) >= 3 * SETTINGS.steps
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiples of 8"):
         Settings(height=60).check()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import erasure
 from erasure.pipeline import pipeline_state
 from erasure.text import encode_texts, split_concepts
 
@@ -47,6 +48,13 @@ def test_encoding_is_cached(pipe):
     assert ("cached concept one", False) in pipeline_state(pipe).text_cache
 
 
-@pytest.mark.parametrize("text,expected", [("a, b\nc", ["a", "b", "c"]), (" ,\n ", []), ("Van Gogh", ["Van Gogh"])])
+@pytest.mark.parametrize("text,expected", [("a, b", ["a", "b"]), ("a, b\nc", ["a, b", "c"]), (" ,\n ", []),
+                                           ("Van Gogh", ["Van Gogh"]), ("x\n\n y \n", ["x", "y"])])
 def test_split_concepts(text, expected):
     assert split_concepts(text) == expected
+
+
+def test_a_preset_list_survives_the_round_trip_through_a_text_field():
+    retain = erasure.load_preset("instance").retain  # holds "Huey, Dewey and Louie"
+    assert any("," in concept for concept in retain)
+    assert split_concepts("\n".join(retain)) == list(retain)

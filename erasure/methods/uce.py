@@ -5,6 +5,11 @@
 
 Rows are last-subject-token embeddings (the current reference script, uce_sd_erase.py). With
 "replace", v*_i = W a_i, so W' = W·M with one d×d map M shared by every edited matrix.
+
+Deliberate differences from the reference: retain concepts equal to a target (case-insensitive) are
+dropped, where the reference keeps them and so asks the solve both to move and to keep the same row;
+retain texts are stripped and de-duplicated; concepts are encoded padded to their batch's longest
+rather than to 77 tokens (the encoder is causal, so the rows agree up to float round-off).
 """
 
 from __future__ import annotations
