@@ -10,6 +10,7 @@ Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens (de
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import anyio
 import gradio as gr
 import pandas as pd
 
@@ -96,7 +98,8 @@ class Studio:
         prompts = suggest_prompts(kind, split_concepts(targets), split_concepts(retain))
         return "\n".join(prompts.erase), "\n".join(prompts.keep)
 
-    def erase(self, targets: str, anchors: str, retain: str, method: str, session: list, **params):
+    def erase(self, targets: str, anchors: str, retain: str, method: str, session: list,
+              request: gr.Request | None = None, **params):
         """Compute an edit (the pipeline is only read) and add it to the session's comparison columns."""
         given = {name.removeprefix(f"{method}_"): value for name, value in params.items()
                  if name.startswith(f"{method}_")}
@@ -105,27 +108,34 @@ class Studio:
             self.limits.check_concepts(target_list, retain_list)
             edit = erasure.erase(self.pipe, method, target_list, split_concepts(anchors) or [""], retain_list,
                                  **given)
-        session, dropped = self._remember(session, edit)
+        session, dropped = self._remember(session, edit, _session_id(request))
         path = edit.save(self._new_file(f"{edit.method}-{_slug(edit.targets)}", ".safetensors"))
         return session, self._edit_choices(session), self._report(edit, dropped), layer_table(edit), str(path)
 
-    def upload_edit(self, file: str | None, session: list):
+    def upload_edit(self, file: str | None, session: list, request: gr.Request | None = None):
         if not file:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         with user_errors():
             edit = erasure.Edit.load(file)
             check_applicable(self.pipe, edit)
-        session, dropped = self._remember(session, edit)
+        session, dropped = self._remember(session, edit, _session_id(request))
         return session, self._edit_choices(session), self._report(edit, dropped, Path(file).name), layer_table(edit)
 
     def clear_edits(self, session: list):
         self.edits.discard(entry["id"] for entry in session)
         return [], self._edit_choices([]), "No edits in this session."
 
-    def _remember(self, session: list, edit) -> tuple[list, list[str]]:
+    def end_session(self, request: gr.Request):
+        """The browser tab closed (or a client disconnected): stop its generation, free its edits now rather
+        than when Gradio expires its state an hour later."""
+        self.cancel_flags.cancel(_session_id(request))
+        self.edits.discard_session(_session_id(request))
+
+    def _remember(self, session: list, edit, owner: str) -> tuple[list, list[str]]:
         number = 1 + max((entry["number"] for entry in session), default=0)
         label = f"#{number} {edit.method.upper()}: {_short(', '.join(edit.targets), 32)}"
-        session = [*session, {"id": self.edits.add(edit), "label": label, "number": number}]
+        session = [*session, {"id": self.edits.add(edit, owner), "label": label,
+                              "number": number}]
         dropped = session[: max(0, len(session) - self.limits.max_edits)]
         self.edits.discard(entry["id"] for entry in dropped)
         return session[len(dropped):], [entry["label"] for entry in dropped]
@@ -143,10 +153,27 @@ class Studio:
         return report
 
     # -- comparison -------------------------------------------------------------------------------------
-    def generate(self, erase_prompts: str, keep_prompts: str, seeds: str, steps: float, guidance: float,
-                 size: float, scheduler: str, compared: list[str], kind: str, targets: str, session: list,
-                 request: gr.Request, progress=gr.Progress()):
-        """Rows prompt x seed, columns original | each ticked edit; originals come from the cache."""
+    async def generate(self, erase_prompts: str, keep_prompts: str, seeds: str, steps: float, guidance: float,
+                       size: float, scheduler: str, compared: list[str], kind: str, targets: str, session: list,
+                       request: gr.Request, progress=gr.Progress()):
+        """Rows prompt x seed, columns original | each ticked edit; originals come from the cache.
+
+        The work runs in a thread this coroutine can abandon: when Gradio cancels the event (a client's
+        `job.cancel()`), the cancellation reaches us at once and the session's flag stops the denoising
+        loop at its next step, instead of the server generating on with the lock held."""
+        flag = self.cancel_flags.start(_session_id(request))
+        work = functools.partial(on_gpu(duration=180)(self._generate), erase_prompts, keep_prompts, seeds, steps,
+                                 guidance, size, scheduler, compared, kind, targets, session, flag, progress)
+        try:
+            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            flag.set()
+            raise
+        finally:
+            self.cancel_flags.finish(_session_id(request), flag)
+
+    def _generate(self, erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
+                  targets, session, flag, progress):
         started = time.perf_counter()
         with user_errors():
             prompts = ComparisonPrompts(tuple(prompt_lines(erase_prompts)), tuple(prompt_lines(keep_prompts)))
@@ -157,7 +184,6 @@ class Studio:
             edits = self._session_edits(session, compared or [])
             target_list = list(dict.fromkeys(t for e in edits.values() for t in e.targets))
             target_list = target_list or split_concepts(targets)
-            flag = self.cancel_flags.start(request.session_hash or "")
             try:
                 comparison = run_comparison(
                     self.pipe, self.scorer, prompts, seed_list, settings, edits, target_list, kind, self.originals,
@@ -165,8 +191,6 @@ class Studio:
                     should_stop=flag.is_set)
             except GenerationCancelled:
                 return (*[gr.skip()] * 5, "Generation cancelled; the model's weights are restored.")
-            finally:
-                self.cancel_flags.finish(request.session_hash or "", flag)
         summary = summary_rows(comparison)
         record = run_record(self.pipe, comparison, self.scorer, summary)
         path = self._new_file("run", ".json")
@@ -186,7 +210,7 @@ class Studio:
         return (*galleries, summary_table(summary), summary_plot(summary), str(path), status)
 
     def cancel(self, request: gr.Request):
-        if self.cancel_flags.cancel(request.session_hash or ""):
+        if self.cancel_flags.cancel(_session_id(request)):
             return "Cancelling after the current denoising step..."
         return "Nothing is running in this session."
 
@@ -273,6 +297,11 @@ def summary_plot(summary: list[dict]) -> gr.BarPlot:
     bars = pd.DataFrame([{"bar": f"{r['group'].removeprefix('should be ')}: {r['column']}",
                           "column": r["column"], "mean CLIP to prompt": r["mean"]} for r in summary])
     return gr.BarPlot(bars, sort=list(bars["bar"]))  # table order (original first), not alphabetical
+
+
+def _session_id(request: gr.Request | None) -> str:
+    """Gradio's session hash ("" when a handler is called directly, outside a request)."""
+    return getattr(request, "session_hash", None) or ""
 
 
 def _short(text: str, width: int) -> str:
@@ -376,13 +405,14 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                            api_name="erase", **gpu)
         upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
                       api_name="upload_edit", **gpu)
-        generate_button.click(on_gpu(duration=180)(studio.generate),
+        generate_button.click(studio.generate,
                               [erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
                                targets, session],
                               [*galleries, summary, plot, run_file, status], api_name="generate", **gpu)
         clear_button.click(studio.clear_edits, [session], [session, compared, edit_summary], api_name="clear_edits",
                            queue=False)
         cancel_button.click(studio.cancel, None, [status], api_name="cancel", queue=False)
+        demo.unload(studio.end_session)
     return demo
 
 

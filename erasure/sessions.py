@@ -19,27 +19,34 @@ from .lru import LRU
 class EditStore:
     def __init__(self, max_edits: int = 64):
         self.max_edits = max_edits
-        self._edits: LRU[Edit] = LRU(max_items=max_edits)
+        self._edits: LRU[tuple[str, Edit]] = LRU(max_items=max_edits)  # id -> (owning session, edit)
 
-    def add(self, edit: Edit) -> str:
-        """Keep `edit` (its tensors moved to host memory: tens of edits must not hold GPU memory; applying
-        copies them to the device) and return its id."""
+    def add(self, edit: Edit, owner: str = "") -> str:
+        """Keep `edit` for session `owner` (its tensors moved to host memory: tens of edits must not hold GPU
+        memory; applying copies them to the device) and return its id."""
         edit = dataclasses.replace(edit, patches={key: Patch(p.kind, p.value.detach().to("cpu"))
                                                   for key, p in edit.patches.items()})
         edit_id = secrets.token_hex(8)
-        self._edits[edit_id] = edit
+        self._edits[edit_id] = (owner, edit)
         return edit_id
 
     def get(self, edit_id: str) -> Edit:
-        edit = self._edits.get(edit_id)
-        if edit is None:
+        entry = self._edits.get(edit_id)
+        if entry is None:
             raise ValueError("this edit is no longer held by the server (the app keeps the most recent "
                              f"{self.max_edits}); erase again or upload its .safetensors file")
-        return edit
+        return entry[1]
 
     def discard(self, edit_ids: Iterable[str]) -> None:
         for edit_id in edit_ids:
             self._edits.pop(edit_id)
+
+    def discard_session(self, owner: str) -> None:
+        """Free every edit a closed session held."""
+        self.discard([edit_id for edit_id in self._edits if (self._edits.get(edit_id) or ("",))[0] == owner])
+
+    def owners(self) -> list[str]:
+        return [entry[0] for edit_id in self._edits if (entry := self._edits.get(edit_id)) is not None]
 
     def __len__(self) -> int:
         return len(self._edits)

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import threading
+import time
 
 import gradio as gr
 import numpy as np
@@ -274,3 +275,40 @@ def test_unloadable_model_falls_back_to_the_tiny_model_with_a_plain_notice():
     assert pipeline_state(pipe).model_id == "tiny" and scorer.is_random
     assert notice.startswith("could not load model 'nobody/not-a-cached-model'")
     assert "offline random-weight `tiny` model instead" in notice
+
+
+def test_a_session_that_disconnects_frees_its_edits_at_once(server, monkeypatch):
+    import httpx
+
+    studio, url = server
+    client = Client(url, verbose=False)
+    erase(client, "Snoopy")
+    assert client.session_hash in studio.edits.owners()
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # how soon the server notices a closed connection
+    with httpx.stream("GET", f"{url.rstrip('/')}/gradio_api/heartbeat/{client.session_hash}", timeout=10) as beat:
+        next(beat.iter_lines())  # the session is alive, as a browser tab's would be; then it closes
+    deadline = time.monotonic() + 20
+    while client.session_hash in studio.edits.owners() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.session_hash not in studio.edits.owners()  # not an hour later, as Gradio's state would
+
+
+def test_a_clients_job_cancel_stops_the_server_at_the_next_step_and_frees_the_lock(pipe, client, untouched):
+    compared, _, _ = erase(client, "Snoopy")
+    calls, hook = count_unet_calls(pipe)
+    try:
+        job = client.submit("a\nb\nc\nd", "e\nf\ng\nh", "0", 50, SETTINGS.guidance, SETTINGS.height,
+                            SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
+        deadline = time.monotonic() + 60
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        job.cancel()
+        cancelled = time.monotonic()
+        with erasure.applied(pipe, None):  # the engine's lock: held by the generation until it stops
+            waited = time.monotonic() - cancelled
+        settled = len(calls)
+        time.sleep(1.0)
+    finally:
+        hook.remove()
+    assert len(calls) == settled  # nothing runs on in the background
+    assert settled < 8 * 51 and waited < 5  # far short of the 8 images x 51 UNet passes a full run takes
