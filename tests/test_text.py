@@ -58,3 +58,27 @@ def test_a_preset_list_survives_the_round_trip_through_a_text_field():
     retain = erasure.load_preset("instance").retain  # holds "Huey, Dewey and Louie"
     assert any("," in concept for concept in retain)
     assert split_concepts("\n".join(retain)) == list(retain)
+
+
+def test_a_concepts_rows_do_not_depend_on_what_was_encoded_before_or_beside_it(pipe):
+    cache = pipeline_state(pipe).text_cache
+    for full_length in (False, True):
+        cache.clear()
+        alone = encode_texts(pipe, ["Snoopy"], full_length)[0].rows
+        cache.clear()
+        crowd = ["a much longer concept description here", "Pikachu", "Snoopy", *[f"thing {i}" for i in range(40)]]
+        beside = encode_texts(pipe, crowd, full_length)[2].rows
+        assert torch.equal(alone, beside)
+
+
+def test_an_edit_is_bitwise_the_same_after_any_history(pipe):
+    cache = pipeline_state(pipe).text_cache
+    request = dict(targets=["Snoopy", "Mickey"], anchors=[""], retain=["Pikachu", "Garfield", "Huey, Dewey and Louie"])
+    cache.clear()
+    first = erasure.erase(pipe, "uce", **request)
+    cache.clear()
+    encode_texts(pipe, ["a much longer concept description here", "Pikachu", "Snoopy", "Mickey",
+                        *[f"thing {i}" for i in range(40)]])  # the same concepts, first met in another batch
+    erasure.erase(pipe, "speed", ["Totoro"], [""], ["Garfield", "Bambi"])
+    again = erasure.erase(pipe, "uce", **request)
+    assert all(torch.equal(again.weights[name], w) for name, w in first.weights.items())
