@@ -84,8 +84,8 @@ def add_evaluate_parser(commands) -> None:
     parser.add_argument("--neutral-count", type=int, default=None, help="neutral prompts (default 4; --full 40)")
     add_generation_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=4,
-                        help="(prompt, seed) pairs generated and scored together; fixes the numbers, so keep it "
-                             "when comparing runs")
+                        help="(prompt, seed) pairs per block, the unit of sharding and of CLIP scoring; images do "
+                             "not depend on it, scores may in the last digits, so keep it when comparing runs")
     parser.add_argument("--clip-model", default=None,
                         help="open_clip model name (default ViT-L-14; 'tiny' random weights with --model tiny)")
     parser.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default openai)")

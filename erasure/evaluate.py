@@ -101,11 +101,10 @@ def cmd_evaluate(args) -> None:
     for block in tqdm(mine, desc="originals", unit="batch", disable=quiet):
         missing = [i for i in block if cache.get(keys[i]) is None]
         if missing:
-            for i, image in zip(missing, generate_pairs(pipe, pairs_of(missing), settings, None,
-                                                        batch_size=len(missing))):
+            for i, image in zip(missing, generate_pairs(pipe, pairs_of(missing), settings, None)):
                 cache.put(keys[i], image)
     for block in tqdm(mine, desc="edited", unit="batch", disable=quiet):
-        for i, image in zip(block, generate_pairs(pipe, pairs_of(block), settings, edit, batch_size=len(block))):
+        for i, image in zip(block, generate_pairs(pipe, pairs_of(block), settings, edit)):
             image.save(edited_dir / f"{i:06d}.png")
 
     # Zero-shot classes: targets, anchors and the retain concepts prompted, each averaged over all templates.

@@ -32,6 +32,9 @@ SCHEDULERS = {
 }
 
 
+GENERATION_BATCH = 4  # images per pipeline call, always (see generate_pairs)
+
+
 class GenerationCancelled(Exception):
     """Raised when `should_stop` asked a generation to stop; the weights are restored as on any exit."""
 
@@ -102,7 +105,7 @@ class OriginalCache:
 
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Settings, edit: Edit | None = None,
-                    *, batch_size: int = 4, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
+                    *, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
     """Images for every (prompt, seed) pair, prompt-major, with `edit` applied (None: the base model).
 
@@ -112,14 +115,19 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings
     reports denoising steps; `should_stop()` cancels.
     """
     return generate_pairs(pipe, [(p, int(s)) for p in prompts for s in seeds], settings, edit,
-                          batch_size=batch_size, edit_from_step=edit_from_step, on_step=on_step,
+                          edit_from_step=edit_from_step, on_step=on_step,
                           should_stop=should_stop)
 
 
 def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, edit: Edit | None = None,
-                   *, batch_size: int = 4, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
+                   *, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
-    """Images for an explicit list of (prompt, seed) pairs, in batches of `batch_size` in list order."""
+    """Images for an explicit list of (prompt, seed) pairs, in list order.
+
+    Every pipeline call renders exactly GENERATION_BATCH images (the last batch is filled with repeats of
+    its last pair, rendered and dropped), so each image is computed on the same shapes wherever it falls:
+    an image is a function of (prompt, seed, settings) on a given device, not of what was rendered beside
+    it (batches of 4 and of 2 drew pixels 1/255 apart)."""
     settings.check()
     if not 0 <= edit_from_step <= settings.steps:
         raise ValueError(f"edit_from_step must be between 0 and the {settings.steps} steps, got {edit_from_step}")
@@ -132,8 +140,9 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
         # Progress counts UNet iterations per image: some schedulers run more than `steps` (PNDM: one more).
         pipe.scheduler.set_timesteps(settings.steps)
         total = len(pairs) * len(pipe.scheduler.timesteps)
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
+        for start in range(0, len(pairs), GENERATION_BATCH):
+            batch = pairs[start:start + GENERATION_BATCH]
+            padded = batch + batch[-1:] * (GENERATION_BATCH - len(batch))
             swapped = []
 
             def step_end(pipeline, step, timestep, tensors):
@@ -148,16 +157,16 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
                 return tensors
 
             try:
-                result = pipe([p for p, _ in batch], num_inference_steps=settings.steps,
+                result = pipe([p for p, _ in padded], num_inference_steps=settings.steps,
                               guidance_scale=settings.guidance, height=settings.height, width=settings.width,
-                              generator=[torch.Generator("cpu").manual_seed(s) for _, s in batch],
+                              generator=[torch.Generator("cpu").manual_seed(s) for _, s in padded],
                               callback_on_step_end=step_end)
             finally:
                 for record in swapped:
                     restore(pipe, record)
             if should_stop and should_stop():
                 raise GenerationCancelled("generation cancelled")
-            images.extend(result.images)
+            images.extend(result.images[:len(batch)])
     return images
 
 
