@@ -144,6 +144,8 @@ def test_eight_concurrent_clients_each_get_exactly_their_own_edit(pipe, server, 
         alone = erasure.erase(pipe, "uce" if i % 2 else "speed", [concept], [""], ["a cat"])
         expected = generate_images(pipe, [f"a photo of {concept}"], [0], SETTINGS, alone)[0]
         assert np.array_equal(pixels(mine), np.asarray(expected)), concept
+        base = generate_images(pipe, [f"a photo of {concept}"], [0], SETTINGS)[0]  # originals too, serially
+        assert np.array_equal(pixels(original), np.asarray(base)), concept
         assert not np.array_equal(pixels(mine), pixels(original))
 
 
