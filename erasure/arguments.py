@@ -48,7 +48,7 @@ def seed(text: str) -> int:
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     from .generate import SCHEDULERS
 
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; 3 on random-weight models)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default pndm)")

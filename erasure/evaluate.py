@@ -98,24 +98,29 @@ def cmd_evaluate(args) -> None:
     def pairs_of(block):
         return [(pairs[i][0].prompt, pairs[i][1]) for i in block]
 
-    for block in tqdm(mine, desc="originals", unit="batch", disable=quiet):
-        missing = [i for i in block if cache.get(keys[i]) is None]
-        if missing:
-            for i, image in zip(missing, generate_pairs(pipe, pairs_of(missing), settings, None)):
-                cache.put(keys[i], image)
-    for block in tqdm(mine, desc="edited", unit="batch", disable=quiet):
-        for i, image in zip(block, generate_pairs(pipe, pairs_of(block), settings, edit)):
-            image.save(edited_dir / f"{i:06d}.png")
-
     # Zero-shot classes: targets, anchors and the retain concepts prompted, each averaged over all templates.
     classes = list(dict.fromkeys(c for c in [*edit.targets, *edit.anchors,
                                              *(it.concept for it in items if it.set == "retain")] if c.strip()))
     class_features = scorer.class_features(classes, prompt_templates(kind, full=True)) if len(classes) > 1 else None
     detector = scoring.load_nudity_detector() if kind == "nudity" else None
+    # Each distinct prompt and concept text is encoded once (not once per seed), in the same order on every
+    # process, so no score depends on how the pairs are sharded.
+    texts = list(dict.fromkeys([item.prompt for item in items]
+                               + [concept_text(kind, item.concept) for item in items if item.set != "neutral"]))
+    text_features = dict(zip(texts, scorer.text_features(texts)))
+
     rows = []
-    for block in tqdm(mine, desc="scores", unit="batch", disable=quiet):
-        rows.extend(_score_block(block, pairs, keys, cache, edited_dir, scorer, class_features, classes, detector,
-                                 kind, concept_text))
+    for block in tqdm(mine, desc="images and scores", unit="batch", disable=quiet):
+        missing = [i for i in block if cache.get(keys[i]) is None]
+        for i, image in zip(missing, generate_pairs(pipe, pairs_of(missing), settings, None) if missing else []):
+            cache.put(keys[i], image)
+        images = {"original": [cache.get(keys[i]) for i in block],
+                  "edited": generate_pairs(pipe, pairs_of(block), settings, edit)}
+        for i, image in zip(block, images["edited"]):
+            image.save(edited_dir / f"{i:06d}.png")
+        # scored while in memory: no image is decoded again
+        rows.extend(_score_block(block, pairs, keys, images, text_features, scorer, class_features, classes,
+                                 detector, kind))
     shards.mkdir(parents=True, exist_ok=True)
     (shards / f"rows-{rank}.json").write_text(json.dumps(rows), "utf-8")
     state.wait_for_everyone()
@@ -150,16 +155,19 @@ def _open(path):
         return image.convert("RGB")
 
 
-def _score_block(block, pairs, keys, cache, edited_dir, scorer, class_features, classes, detector, kind,
-                 concept_text) -> list[dict]:
-    """Per-image rows for one block: CLIP cosines to prompt and concept, zero-shot class, NudeNet flags."""
+def _score_block(block, pairs, keys, images, text_features, scorer, class_features, classes, detector,
+                 kind) -> list[dict]:
+    """Per-image rows for one block: CLIP cosines to prompt and concept, zero-shot class, NudeNet flags.
+    `images` holds the block's "original" and "edited" images; `text_features` every text's CLIP features."""
+    import torch
+
+    from .presets import concept_text
+
     items = [pairs[i][0] for i in block]
-    images = {"original": [cache.get(keys[i]) for i in block],
-              "edited": [_open(edited_dir / f"{i:06d}.png") for i in block]}
-    prompt_text = scorer.text_features([item.prompt for item in items], batch_size=len(block))
+    prompt_text = torch.stack([text_features[item.prompt] for item in items])
     with_concept = [j for j, item in enumerate(items) if item.set != "neutral"]
-    concept_features = scorer.text_features([concept_text(kind, items[j].concept) for j in with_concept],
-                                            batch_size=max(1, len(with_concept)))
+    concept_features = (torch.stack([text_features[concept_text(kind, items[j].concept)] for j in with_concept])
+                        if with_concept else None)
     rows = [{"index": i, "set": pairs[i][0].set, "concept": pairs[i][0].concept, "prompt": pairs[i][0].prompt,
              "seed": pairs[i][1], "original_key": keys[i]} for i in block]
     for column, column_images in images.items():

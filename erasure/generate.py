@@ -60,10 +60,20 @@ class Settings:
         return self
 
 
+RANDOM_MODEL_STEPS = 3  # random-weight models draw noise at any step count: keep their runs quick
+
+
 def default_settings(pipe, **overrides) -> Settings:
-    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model)."""
+    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model); 3 steps on random-weight
+    models (the app's and `evaluate`'s defaults alike)."""
+    from .pipeline import pipeline_state
+    from .tiny import RANDOM_MODELS
+
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return Settings(**{"height": side, "width": side, **overrides}).check()
+    defaults = {"height": side, "width": side}
+    if pipeline_state(pipe).model_id in RANDOM_MODELS:
+        defaults["steps"] = RANDOM_MODEL_STEPS
+    return Settings(**{**defaults, **overrides}).check()
 
 
 def image_key(identity: str, prompt: str, seed: int, settings: Settings) -> str:

@@ -153,3 +153,30 @@ def test_clip_weights_that_cannot_load_end_with_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: could not load CLIP ViT-B-32 (no-such-weights)")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_evaluate_on_the_random_model_defaults_to_3_steps_decodes_no_image_and_encodes_each_text_once(
+        tmp_path, monkeypatch):
+    from erasure import scoring
+
+    opened, encoded = [], []
+    real_open, real_text_features = Image.open, scoring.ClipScorer.text_features
+
+    def counting_open(path, *args, **kwargs):
+        if "edited" in str(path):
+            opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    def counting_text_features(self, texts, *args, **kwargs):
+        encoded.extend(texts)
+        return real_text_features(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(scoring.ClipScorer, "text_features", counting_text_features)
+    assert main(["evaluate", "--model", "tiny", "--targets", "Snoopy", "--retain", "Mickey", "--seeds", "3",
+                 "--retain-count", "1", "--neutral-count", "0", "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "--originals", str(tmp_path / "originals")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]["steps"] == 3
+    assert not opened  # scored from memory, not read back from the PNGs just written
+    # once as a prompt or concept text and once among the zero-shot class templates; not once per seed
+    assert encoded.count("a photo of Snoopy") <= 2 and encoded.count("a picture of Mickey") <= 2
