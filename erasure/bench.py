@@ -55,7 +55,7 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
     return results
 
 
-COLUMNS = [("method", "method", "<7", ""), ("concepts", "concepts", ">8", ""), ("retain", "retain", ">6", ""),
+COLUMNS = [("method", "method", "<12", ""), ("concepts", "concepts", ">8", ""), ("retain", "retain", ">6", ""),
            ("matrices", "matrices", ">8", ""), ("encode s", "encode_s", ">8", ".3f"), ("solve s", "solve_s", ">8", ".3f"),
            ("total s", "total_s", ">8", ".3f"), ("next solve s", "next_solve_s", ">12", ".3f"),
            ("next total s", "next_total_s", ">12", ".3f"), ("peak GiB", "peak_memory_gib", ">8", ".2f")]

@@ -5,7 +5,9 @@ The pipeline is only read here; writing an edit in is `apply.py`'s job.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -31,6 +33,9 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     parsed = spec.parse_params(params)
     state = pipeline_state(pipe)
     concepts = validate_concepts(targets, anchors, retain, pipe.tokenizer, max_concepts)
+    if not spec.uses_retain and concepts.retain:
+        warnings.warn(f"{spec.name} uses no retain concepts; the {len(concepts.retain)} given are ignored")
+        concepts = dataclasses.replace(concepts, retain=())
 
     start = time.perf_counter()
     rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))

@@ -45,7 +45,7 @@ def test_bad_input_exits_with_one_sentence(tmp_path, capsys):
 def test_bench_prints_a_table_and_json(tmp_path, capsys):
     from erasure.bench import run_bench
 
-    results = run_bench(device="cpu", concept_counts=[1, 3], model="tiny", repeats=2,
+    results = run_bench(device="cpu", concept_counts=[1, 3], methods=["speed", "uce"], model="tiny", repeats=2,
                         json_path=str(tmp_path / "bench.json"))
     out = capsys.readouterr().out
     assert out.count("| speed ") == 2 and out.count("| uce ") == 2 and "| encode s |" in out

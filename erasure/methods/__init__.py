@@ -37,6 +37,7 @@ class Method:
     prepare: Callable  # (Concepts, params, Encoder) -> ConceptRows
     solve: Callable  # (weights: {name: W float64}, ConceptRows, params) -> {name: W' float64}
     edits: Callable[[Any], tuple[str, ...]]  # params -> module suffixes it rewrites, e.g. ("attn2.to_v",)
+    uses_retain: bool = True  # False: retain concepts are ignored (and not recorded in the edit)
 
     def schema(self) -> dict[str, dict]:
         """name -> {default, type, help, choices?, min?, max?}: what the app's Advanced panel is built from."""
@@ -130,4 +131,4 @@ def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) 
     return ConceptRows(per_concept[:n], per_concept[n:], retain, null)
 
 
-from . import speed, uce  # noqa: E402,F401  (registers the built-in methods)
+from . import scapre, speed, uce  # noqa: E402,F401  (registers the built-in methods)
