@@ -12,11 +12,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
+import re
 import secrets
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,10 +30,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import anyio
 import gradio as gr
 import pandas as pd
+from gradio.utils import get_upload_folder
 
 import erasure
 from erasure.apply import check_applicable
-from erasure.compare import (GROUPS, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
+from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
                              run_record, suggest_prompts, summary_rows)
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import Limits
@@ -48,17 +54,17 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 CSS = Path(__file__).resolve().parent / "assets" / "app.css"
-RANDOM_MODEL_STEPS = 3  # random-weight models draw noise at any step count; keep the CPU demo quick
 FILE_LIFETIME_S = 3600  # downloads (edits, run records) are deleted after an hour
 
 
 @contextmanager
 def user_errors():
-    """The library's ValueErrors (bad concepts, parameters, files, caps) reach the user as their own sentence."""
+    """The library's ValueErrors (bad concepts, parameters, files, caps) reach the user as their own sentence,
+    and the server's console stays quiet: a user's mistake is not a bug, so no traceback is printed."""
     try:
         yield
     except ValueError as error:
-        raise gr.Error(str(error)) from None
+        raise gr.Error(str(error), print_exception=False) from None
 
 
 class Studio:
@@ -73,9 +79,13 @@ class Studio:
         self.edits = EditStore()
         self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
-        self.files = Path(tempfile.mkdtemp(prefix="erasure-studio-"))
-        steps = RANDOM_MODEL_STEPS if self.model_id in RANDOM_MODELS else Settings.steps
-        self.defaults = default_settings(pipe, steps=steps)
+        self.demo: gr.Blocks | None = None  # set by build_demo
+        # Downloads are written inside Gradio's cache folder, which Gradio serves in place: one copy per file
+        # (a file anywhere else is copied into the cache when returned). The folder goes when the app does.
+        os.makedirs(get_upload_folder(), exist_ok=True)
+        self.files = Path(tempfile.mkdtemp(prefix="erasure-studio-", dir=get_upload_folder()))
+        self.remove_files = weakref.finalize(self, shutil.rmtree, self.files, ignore_errors=True)
+        self.defaults = default_settings(pipe)  # 3 steps on random-weight models
 
     # -- concepts ---------------------------------------------------------------------------------------
     def fill_from_preset(self, name: str):
@@ -140,6 +150,12 @@ class Studio:
         self.edits.discard(entry["id"] for entry in dropped)
         return session[len(dropped):], [entry["label"] for entry in dropped]
 
+    def edit_failed(self, session: list):
+        """After a failed erase or upload: say so, and which edits the session still holds."""
+        held = ", ".join(entry["label"] for entry in session) or "no edits"
+        return (gr.skip(), f"**Failed**: the reason is in the error notice. This session holds {held}.",
+                layer_table())
+
     @staticmethod
     def _edit_choices(session: list):
         labels = [entry["label"] for entry in session]
@@ -178,9 +194,12 @@ class Studio:
         with user_errors():
             prompts = ComparisonPrompts(tuple(prompt_lines(erase_prompts)), tuple(prompt_lines(keep_prompts)))
             seed_list = parse_seeds(seeds)
-            settings = Settings(steps=int(steps), guidance=float(guidance), height=int(size), width=int(size),
-                                scheduler=scheduler).check()
+            side = whole_number("size", size)
+            settings = Settings(steps=whole_number("steps", steps), guidance=number("guidance", guidance),
+                                height=side, width=side, scheduler=scheduler)
+            # The app's caps first (the tighter bound, e.g. 50 steps), then the library's checks (>= 1 step, ...).
             self.limits.check_generation(len(prompts.erase) + len(prompts.keep), len(seed_list), settings)
+            settings.check()
             edits = self._session_edits(session, compared or [])
             target_list = list(dict.fromkeys(t for e in edits.values() for t in e.targets))
             target_list = target_list or split_concepts(targets)
@@ -203,15 +222,28 @@ class Studio:
                               comparison.target_scores[column].score[i]))
                      for i, (row_group, prompt, seed) in enumerate(rows) if row_group == group
                      for column in comparison.images]
-            galleries.append(gr.Gallery(value=items, columns=len(comparison.images)))
+            galleries.append(gr.Gallery(value=items, columns=len(comparison.images),
+                                        elem_classes=gallery_classes(settings.width)))
         status = (f"{len(rows)} rows x {len(comparison.images)} columns in {time.perf_counter() - started:.1f} s "
                   f"({comparison.originals_reused} original images reused from the cache). "
                   f"{self._scorer_note()}")
         return (*galleries, summary_table(summary), summary_plot(summary), str(path), status)
 
-    def cancel(self, request: gr.Request):
+    @staticmethod
+    def generation_failed():
+        """After a failed generation: empty outputs, so nothing on the page reads as this request's result,
+        and Cancel greyed out (Gradio runs no .then() after a failure, only .failure())."""
+        return (*[gr.Gallery(value=None, elem_classes=[]) for _ in GROUPS], summary_table([]), summary_plot([]),
+                None, "**Generation failed**: the reason is in the error notice. Earlier results were cleared.",
+                gr.Button(interactive=False))
+
+    async def cancel(self, request: gr.Request):
+        """Stop this session's running generation at its next step, or take its waiting ones off the queue."""
         if self.cancel_flags.cancel(_session_id(request)):
             return "Cancelling after the current denoising step..."
+        removed = await remove_queued_events(self.demo, _session_id(request), "generate") if self.demo else 0
+        if removed:
+            return f"Removed {removed} waiting generation(s) from the queue; nothing had started."
         return "Nothing is running in this session."
 
     def _session_edits(self, session: list, compared: list[str]) -> dict:
@@ -276,27 +308,116 @@ def edit_report(edit, uploaded: str | None = None) -> str:
     return "  \n".join(lines)
 
 
-def layer_table(edit) -> pd.DataFrame:
-    rows = [{"layer": name, "relative change": s["relative_change"],
-             "target residual": s.get("target_residual", float("nan")),
-             "retain drift": s.get("retain_drift", float("nan"))}
-            for name, s in edit.stats.get("layers", {}).items()]
-    return pd.DataFrame(rows, columns=["layer", "relative change", "target residual", "retain drift"]).round(4)
+LAYER_COLUMNS = ["layer", "relative change", "target residual", "retain drift"]
+SUMMARY_COLUMNS = ["prompts", "column", "n", "CLIP to prompt", "95% CI", "Δ vs original", "CLIP to target"]
+UNET_ATTENTION = re.compile(r"(down|mid|up)_blocks?\.(?:(\d+)\.)?attentions\.(\d+)\.transformer_blocks\.(\d+)\.(.+)")
+
+
+def short_layer_name(module: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v' -> 'down 1.0 · attn2.to_v' (block, attention
+    and, when not the first, transformer index); any other module path is kept whole."""
+    match = UNET_ATTENTION.fullmatch(module)
+    if not match:
+        return module
+    side, block, attention, transformer, rest = match.groups()
+    where = f"{side} {block}.{attention}" if block is not None else f"{side} {attention}"
+    if transformer != "0":
+        where += f" block {transformer}"
+    return f"{where} · {rest}"
+
+
+def layer_table(edit=None) -> pd.DataFrame:
+    """One row per edited module: its short name and its statistics to 3 significant digits."""
+    layers = edit.stats.get("layers", {}) if edit is not None else {}
+    names = [short_layer_name(module) for module in layers]
+    if len(set(names)) < len(names):  # a model whose short names collide: show the full paths
+        names = list(layers)
+    rows = [[name, *(float(f"{s.get(key, float('nan')):.3g}") for key in
+                     ("relative_change", "target_residual", "retain_drift"))]
+            for name, s in zip(names, layers.values())]
+    return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
 def summary_table(summary: list[dict]) -> pd.DataFrame:
-    rows = [{"prompts": r["group"], "column": r["column"], "n": r["n"], "CLIP→prompt": round(r["mean"], 2),
-             "95% CI": f"{r['ci_low']:.2f}–{r['ci_high']:.2f}", "Δ vs original": round(r["change"], 2),
-             "CLIP→target": round(r["target_mean"], 2)}
-            for r in summary]
-    return pd.DataFrame(rows, columns=["prompts", "column", "n", "CLIP→prompt", "95% CI", "Δ vs original",
-                                       "CLIP→target"])
+    rows = [[r["group"], r["column"], r["n"], round(r["mean"], 2), f"{r['ci_low']:.2f}–{r['ci_high']:.2f}",
+             round(r["change"], 2), round(r["target_mean"], 2)] for r in summary]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def summary_plot(summary: list[dict]) -> gr.BarPlot:
-    bars = pd.DataFrame([{"bar": f"{r['group'].removeprefix('should be ')}: {r['column']}",
-                          "column": r["column"], "mean CLIP to prompt": r["mean"]} for r in summary])
-    return gr.BarPlot(bars, sort=list(bars["bar"]))  # table order (original first), not alphabetical
+    """One bar per (prompt group, column), labelled short enough to read level ('erase: #1'); the colour
+    legend names each column in full. Original is grey, as in the evaluation charts."""
+    group_key = {title: key for key, title in GROUPS.items()}
+    bars = pd.DataFrame([{"bar": f"{group_key[r['group']]}: {r['column'].split(' ')[0]}",
+                          "column": r["column"], "mean CLIP to prompt": r["mean"]} for r in summary],
+                        columns=["bar", "column", "mean CLIP to prompt"])
+    edits = [c for c in dict.fromkeys(bars["column"]) if c != ORIGINAL]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    colors = {ORIGINAL: "#9e9e9e", **{c: palette[i % len(palette)] for i, c in enumerate(edits)}}
+    top = axis_end(bars["mean CLIP to prompt"].max() if len(bars) else 0.0)
+    return gr.BarPlot(bars, sort=list(bars["bar"]), color_map=colors, y_lim=[0, top])  # table order, not A-Z
+
+
+def axis_end(value: float) -> float:
+    """The smallest round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × 10^k) >= `value`: bars start at 0 and
+    the axis ends on a tick."""
+    if not value > 0:
+        return 1.0
+    scale = 10.0 ** math.floor(math.log10(value))
+    return next(m * scale for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * scale >= value * (1 - 1e-12))
+
+
+async def remove_queued_events(demo: gr.Blocks, session: str, api_name: str) -> int:
+    """Take a session's not-yet-started events of one endpoint off Gradio's queue, and end each one's wait
+    with a "cancelled" error, as Gradio's own /cancel does for a client's job. Gradio has no public call for
+    this, so it reads the queue of the pinned version (6.31) directly."""
+    from gradio.server_messages import ProcessCompletedMessage
+    from gradio.utils import error_payload
+
+    queue = demo._queue
+    removed = 0
+    for event_id in list(queue.pending_event_ids_session.get(session, ())):
+        event = queue.event_ids_to_events.get(event_id)
+        if event is None or getattr(event.fn, "api_name", None) != api_name:
+            continue
+        waiting = queue.event_queue_per_concurrency_id[event.concurrency_id].queue
+        if event not in waiting:
+            continue  # already started: the cancel flag stops it
+        await queue.remove_from_queue(event_id)
+        queue.pending_event_ids_session[session].discard(event_id)
+        error = gr.Error("Generation cancelled before it started.", print_exception=False)
+        queue.send_message(event, ProcessCompletedMessage(output=error_payload(error, True), title="Cancelled",
+                                                          success=False))
+        removed += 1
+    return removed
+
+
+def cancel_state(running: bool):
+    """An event handler that makes the Cancel button live (`running`) or greyed out."""
+    def cancel_button():
+        return gr.Button(interactive=running)
+    return cancel_button
+
+
+def gallery_classes(side: int) -> list[str]:
+    """Images under 256 px are drawn 256 px wide with crisp pixels (4x for 64 px), not blurred to the cell."""
+    return ["small-images"] if side < 256 else []
+
+
+def whole_number(name: str, value: float | None) -> int:
+    """A number field's value as an int; an empty field or a fraction is refused, not rounded."""
+    if value is None:
+        raise ValueError(f"{name} is empty; enter a whole number")
+    if not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def number(name: str, value: float | None) -> float:
+    """A number field's value as a float; an empty field is refused."""
+    if value is None:
+        raise ValueError(f"{name} is empty; enter a number")
+    return float(value)
 
 
 def _session_id(request: gr.Request | None) -> str:
@@ -349,8 +470,10 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                     param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
                 erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
                 edit_summary = gr.Markdown(elem_id="edit-report")
-                with gr.Accordion("Per-layer statistics", open=False):
-                    layers = gr.Dataframe(label="Per-layer statistics (means over concept rows)", interactive=False)
+                with gr.Accordion("Per-layer statistics", open=False, elem_id="layers-accordion"):
+                    layers = gr.Dataframe(layer_table(), label="Means over concept rows; 'down 1.0' is "
+                                          "down_blocks.1.attentions.0", interactive=False, wrap=True,
+                                          elem_id="layers", column_widths=["40%", "20%", "20%", "20%"])
                 edit_file = gr.File(label="Download the edit (.safetensors)", interactive=False)
                 upload = gr.File(label="Upload an edit (.safetensors)", file_types=[".safetensors"],
                                  elem_id="upload")
@@ -363,33 +486,40 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                     keep_prompts = gr.Textbox(label="Prompts that should be kept (one per line)", lines=3,
                                               elem_id="keep-prompts")
                 with gr.Row():
-                    seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="seeds", min_width=90)
-                    steps = gr.Slider(1, limits.max_steps, value=defaults.steps, step=1, label="Steps",
-                                      elem_id="steps")
-                    guidance = gr.Slider(0, 20, value=defaults.guidance, step=0.5, label="Guidance")
-                    size = gr.Slider(64, limits.max_side, value=defaults.height, step=64, label="Size (px)")
+                    seeds = gr.Textbox(value="0, 1", label="Seeds", info="whole numbers", elem_id="seeds",
+                                       min_width=90)
+                    # Number fields, not sliders: a slider clamps a typed 0 or 10000 without a word; these
+                    # values reach the server, whose checks name the valid range.
+                    steps = gr.Number(defaults.steps, label="Steps", info=f"1 to {limits.max_steps}",
+                                      elem_id="steps", min_width=90)
+                    guidance = gr.Number(defaults.guidance, label="Guidance", info="0 = no guidance", step=0.5,
+                                         elem_id="guidance", min_width=90)
+                    size = gr.Number(defaults.height, label="Size (px)", info=f"8 to {limits.max_side}, ×8",
+                                     step=64, elem_id="size", min_width=90)
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
-                                            min_width=100)
+                                            info="denoising sampler", elem_id="scheduler", min_width=100)
                 with gr.Row(equal_height=True):
                     compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
                                                 elem_id="compared", scale=5)
                     clear_button = gr.Button("Forget edits", size="sm", scale=1, min_width=100)
                 with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+                    cancel_button = gr.Button("Cancel", variant="secondary", interactive=False, elem_id="cancel",
+                                              scale=1, min_width=100)
                 status = gr.Markdown(elem_id="status")
                 galleries = [gr.Gallery(label=f"Prompts that {title}", columns=2, height="auto", format="png",
                                         object_fit="contain", elem_id=f"{group}-gallery",
                                         buttons=["download", "fullscreen"])
                              for group, title in GROUPS.items()]
-                summary = gr.Dataframe(label="Summary: mean CLIP score (95% bootstrap CI)", interactive=False,
-                                       elem_id="summary", wrap=True,
-                                       column_widths=["17%", "21%", "6%", "14%", "16%", "14%", "12%"])
-                with gr.Row():
-                    plot = gr.BarPlot(x="bar", y="mean CLIP to prompt", color="column", label="Mean CLIP to prompt",
-                                      x_title=" ", x_label_angle=-20, height=260, scale=2, elem_id="plot")
-                    run_file = gr.File(label="Run record (JSON: method, params, prompts, seeds, scores, versions)",
-                                       interactive=False, scale=1)
+                summary = gr.Dataframe(summary_table([]), label="Summary: mean CLIP score (95% bootstrap CI)",
+                                       interactive=False, elem_id="summary", wrap=True,
+                                       column_widths=["16%", "22%", "5%", "13%", "17%", "13%", "14%"])
+                # No block label: Gradio sizes the chart to `height` and would push its legend out under one.
+                plot = gr.BarPlot(x="bar", y="mean CLIP to prompt", color="column", label="Mean CLIP to prompt",
+                                  show_label=False, x_title="prompts: column", color_title="column", height=280,
+                                  elem_id="plot")
+                run_file = gr.File(label="Run record (JSON: method, params, prompts, seeds, scores, versions)",
+                                   interactive=False, elem_id="run-file")
 
         # -- wiring ---------------------------------------------------------------------------------------
         param_components = [param_inputs[f"{m}_{p}"] for m, p, _ in PARAM_KEYS]
@@ -400,19 +530,30 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
               api_name="describe_method", queue=False)
         gr.on([targets.change, retain.change, kind.change], studio.suggest_prompts, [kind, targets, retain],
               [erase_prompts, keep_prompts], api_name="suggest_prompts", queue=False)
-        erase_button.click(on_gpu(studio.erase), [targets, anchors, retain, method, session],
-                           [session, compared, edit_summary, layers, edit_file], inputs_kwargs=param_inputs,
-                           api_name="erase", **gpu)
-        upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
-                      api_name="upload_edit", **gpu)
-        generate_button.click(studio.generate,
-                              [erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
-                               targets, session],
-                              [*galleries, summary, plot, run_file, status], api_name="generate", **gpu)
+        ui_only = dict(queue=False, api_visibility="private")  # page state, not part of the API
+        erasing = erase_button.click(on_gpu(studio.erase), [targets, anchors, retain, method, session],
+                                     [session, compared, edit_summary, layers, edit_file], inputs_kwargs=param_inputs,
+                                     api_name="erase", **gpu)
+        uploading = upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
+                                  api_name="upload_edit", **gpu)
+        for event in (erasing, uploading):  # a failure's "Error" badge would sit over the last edit's report
+            event.failure(studio.edit_failed, [session], [compared, edit_summary, layers], api_name="edit_failed",
+                          **ui_only)
+        # Cancel is live only while a generation runs: enabled before it starts, disabled however it ends.
+        generating = generate_button.click(cancel_state(True), None, [cancel_button], api_name="generation_started",
+                                           **ui_only).then(
+            studio.generate, [erase_prompts, keep_prompts, seeds, steps, guidance, size, scheduler, compared, kind,
+                              targets, session],
+            [*galleries, summary, plot, run_file, status], api_name="generate", **gpu)
+        generating.then(cancel_state(False), None, [cancel_button], api_name="generation_ended", **ui_only)
+        generating.failure(studio.generation_failed, None,
+                           [*galleries, summary, plot, run_file, status, cancel_button], api_name="generation_failed",
+                           **ui_only)
         clear_button.click(studio.clear_edits, [session], [session, compared, edit_summary], api_name="clear_edits",
                            queue=False)
         cancel_button.click(studio.cancel, None, [status], api_name="cancel", queue=False)
         demo.unload(studio.end_session)
+    studio.demo = demo  # Cancel takes this session's waiting generations off its queue
     return demo
 
 
@@ -456,6 +597,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     pipe, scorer, notice = load_models(args.model, args.device)
     studio = Studio(pipe, scorer, Limits(max_images=args.max_images), notice, originals_folder=args.originals)
+    # SIGTERM (a service manager, `kill`) stops the app the way Ctrl-C does: Gradio closes its server, and the
+    # interpreter's exit removes the app's temporary folder (Python's default for SIGTERM skips both).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     launch(build_demo(studio))
 
 

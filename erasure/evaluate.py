@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from . import scoring
-from .generate import wrap_words
 from .provenance import package_versions
 from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
 
@@ -346,8 +346,8 @@ def write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in ROW_FIELDS} for row in rows)
     (out / "metrics.md").write_text(markdown_table(metrics), "utf-8")
-    score_chart(metrics).save(out / "scores.png")
-    accuracy_chart(metrics).save(out / "accuracy.png")
+    save_chart(score_chart(metrics), out / "scores.png")
+    save_chart(accuracy_chart(metrics), out / "accuracy.png")
 
 
 def _fmt(interval: dict | None, digits: int = 2) -> str:
@@ -389,50 +389,59 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"original": (150, 150, 150), "edited": (31, 119, 180)}
+COLORS = {"original": "#9e9e9e", "edited": "#1f77b4"}
 
 
 def bar_chart(title: str, groups: list[str], series: dict[str, list[tuple[float, float, float] | None]],
-              y_max: float | None = None, y_label: str = ""):
-    """Grouped bars with interval whiskers: series name -> one (mean, low, high) per group."""
-    from PIL import Image, ImageDraw, ImageFont
+              x_max: float | None = None, x_label: str = "", percent: bool = False, empty: str = "no data"):
+    """Grouped horizontal bars with interval whiskers: series name -> one (mean, low, high) per group (None: no
+    bar). A matplotlib Figure on the Agg canvas: group names wrapped level on the left, round ticks from 0;
+    without groups, the sentence `empty` says why."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    font = ImageFont.load_default()
-    values = [v for vs in series.values() for v in vs if v is not None and all(map(math.isfinite, v))]
-    top = y_max or max([v[2] for v in values] + [1e-6]) * 1.1
-    slot = 70
-    left, right, head, foot, plot_h = 60, 20, 66, 90, 260
-    width = left + right + max(1, len(groups)) * slot
-    image = Image.new("RGB", (max(width, 360), head + plot_h + foot), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 10), title, fill="black", font=font)
-    y = lambda v: head + plot_h - plot_h * max(0.0, min(v, top)) / top
-    for k in range(5):
-        tick = top * k / 4
-        draw.line([(left - 4, y(tick)), (width - right, y(tick))], fill=(225, 225, 225))
-        draw.text((4, y(tick) - 6), f"{tick:.3g}", fill="black", font=font)
-    draw.text((4, head - 24), y_label, fill="black", font=font)  # above the top tick label
-    bar = (slot - 16) / max(1, len(series))
-    for g, group in enumerate(groups):
-        x0 = left + g * slot + 8
-        for s, (name, vs) in enumerate(series.items()):
-            v = vs[g]
-            if v is None or not all(map(math.isfinite, v)):
-                continue
-            xa, xb = x0 + s * bar, x0 + (s + 1) * bar - 2
-            draw.rectangle([xa, y(v[0]), xb, y(0)], fill=COLORS.get(name, (200, 120, 40)))
-            xm = (xa + xb) / 2
-            if v[1] == v[2]:
-                continue  # no interval to draw
-            draw.line([(xm, y(v[1])), (xm, y(v[2]))], fill="black", width=1)
-            for end in (v[1], v[2]):
-                draw.line([(xm - 3, y(end)), (xm + 3, y(end))], fill="black")
-        for line, text in enumerate(wrap_words(group, 11)[:4]):
-            draw.text((x0, head + plot_h + 6 + 12 * line), text, fill="black", font=font)
-    for s, name in enumerate(series):
-        draw.rectangle([left + 90 * s, 24, left + 10 + 90 * s, 34], fill=COLORS.get(name, (200, 120, 40)))
-        draw.text((left + 14 + 90 * s, 24), name, fill="black", font=font)
-    return image
+    figure = Figure(figsize=(7.5, 1.5 + 0.32 * max(1, len(groups)) * max(1, len(series)) ** 0.5),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    figure.suptitle(textwrap.fill(title, 80), fontsize=11)
+    if not groups:
+        axes.text(0.5, 0.5, textwrap.fill(empty, 80), ha="center", va="center", fontsize=9, transform=axes.transAxes)
+        axes.set_axis_off()
+        return figure
+    height = 0.8 / max(1, len(series))
+    for s, (name, values) in enumerate(series.items()):
+        rows = [(g, v) for g, v in enumerate(values) if v is not None and all(map(math.isfinite, v))]
+        if not rows:
+            continue
+        y = np.array([g for g, _ in rows]) - 0.4 + height * (s + 0.5)
+        mean = np.array([v[0] for _, v in rows])
+        whiskers = np.array([[v[0] - v[1] for _, v in rows], [v[2] - v[0] for _, v in rows]])
+        axes.barh(y, mean, height=height * 0.92, color=COLORS.get(name, "#ff7f0e"), label=name,
+                  xerr=whiskers if whiskers.any() else None, error_kw={"elinewidth": 1, "capsize": 3})
+        for yy, (_, v) in zip(y, rows):
+            text = f"{v[0]:.0%}" if percent else f"{v[0]:.3g}"
+            axes.text(max(v[0], v[2]), yy, f" {text}", va="center", fontsize=8, color="#333333")
+    axes.set_yticks(range(len(groups)), [textwrap.fill(g, 28) for g in groups], fontsize=9)
+    axes.set_ylim(len(groups) - 0.5, -0.5)  # first group on top
+    axes.set_xlim(0, x_max)
+    if x_max is None:
+        axes.set_xlim(0, axes.get_xlim()[1] * 1.08)  # room for the value labels
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    if percent:
+        axes.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    axes.set_xlabel(x_label, fontsize=9)
+    axes.tick_params(axis="x", labelsize=9)
+    axes.grid(axis="x", color="#e4e4e7")
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.legend(ncols=len(series), loc="lower left", bbox_to_anchor=(0, 1), frameon=False, fontsize=9)
+    return figure
+
+
+def save_chart(figure, path: Path) -> None:
+    figure.savefig(path, dpi=150)
 
 
 def score_chart(metrics: dict):
@@ -440,12 +449,12 @@ def score_chart(metrics: dict):
     for name, block in metrics["sets"].items():
         for which in ("clip_to_prompt", "clip_to_concept"):
             if which in block:
-                groups.append(f"{name} {which[5:].replace('_', ' ')}")
+                groups.append(f"{name}: CLIP to {which[8:]}")
                 for column in series:
                     i = block[which][column]["score"]
                     series[column].append(None if i["mean"] is None else (i["mean"], i["ci_low"], i["ci_high"]))
     return bar_chart(f"CLIP score ({metrics['clip']['backbone']}), mean and 95% interval", groups, series,
-                     y_label="100*max(cos,0)")
+                     x_label="CLIP score = 100 × max(cos, 0)")
 
 
 def accuracy_chart(metrics: dict, max_concepts: int = 40):
@@ -455,4 +464,5 @@ def accuracy_chart(metrics: dict, max_concepts: int = 40):
     shown = "" if len(per_concept) <= max_concepts else f" (first {max_concepts} of {len(per_concept)})"
     labels = [f"{c} ({per_concept[c]['set']})" for c in concepts]
     return bar_chart(f"Zero-shot accuracy per concept: share classified as itself{shown}", labels, series,
-                     y_max=1.0, y_label="share")
+                     x_max=1.0, x_label="share of images", percent=True,
+                     empty=metrics["accuracy"].get("reason", "no concept was classified"))

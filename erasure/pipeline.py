@@ -8,6 +8,7 @@ embedding cache) lives in a `PipelineState` attached to the pipeline, so no glob
 from __future__ import annotations
 
 import hashlib
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,8 @@ def _load_pretrained(model: str, dtype: torch.dtype):
         raise
     except Exception as error:  # hub, network and format errors come in many types; one sentence for all
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = textwrap.shorten(first_line, 400, placeholder=" …")  # whole words: it is shown to people
         raise ModelLoadError(
-            f"could not load model {model!r} ({first_line[:200]}). Check the network or that the model is in the "
+            f"could not load model {model!r} ({reason}). Check the network or that the model is in the "
             f"Hugging Face cache (HF_HOME), pass a local diffusers folder or .safetensors file, or use 'tiny' for "
             f"the offline random-weight model.") from None

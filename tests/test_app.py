@@ -1,17 +1,20 @@
 """The Gradio app through its API: a real server on 127.0.0.1 (in this process, on the shared tiny
 pipeline) driven by real gradio_client Clients. Images are 64 px with 2 denoising steps."""
 
+import gc
 import json
 import math
 import re
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
 import torch
 from gradio_client import Client, handle_file
+from gradio.utils import get_upload_folder
 from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import save_file
@@ -314,3 +317,152 @@ def test_a_clients_job_cancel_stops_the_server_at_the_next_step_and_frees_the_lo
         hook.remove()
     assert len(calls) == settled  # nothing runs on in the background
     assert settled < 8 * 51 and waited < 5  # far short of the 8 images x 51 UNet passes a full run takes
+
+
+def test_cancel_takes_a_waiting_generation_off_the_queue(pipe, untouched):
+    # One queue lane, as deployed: a second session's generation waits behind the first.
+    studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_images=8))
+    demo = app.build_demo(studio, gpu_concurrency=1)
+    _, url, _ = app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None)
+    try:
+        first, second = Client(url, verbose=False), Client(url, verbose=False)
+        compared, _, _ = erase(first, "Snoopy")
+        calls, hook = count_unet_calls(pipe)
+        try:
+            running = first.submit("a\nb\nc\nd", "e\nf\ng\nh", "0", 20, SETTINGS.guidance, SETTINGS.height,
+                                   SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
+            deadline = time.monotonic() + 60
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waiting = second.submit("a photo of a cat", "", "0", 20, SETTINGS.guidance, SETTINGS.height,
+                                    SETTINGS.scheduler, [], "object", "cat", api_name="/generate")
+            time.sleep(0.5)  # let it join the queue
+            assert second.predict(api_name="/cancel").startswith("Removed 1 waiting generation")
+            with pytest.raises(AppError, match="cancelled before it started"):
+                waiting.result(timeout=120)
+            running.result(timeout=300)
+        finally:
+            hook.remove()
+        # only the first session's work ran: 2 batches x (original + edited) x 21 PNDM passes; the second
+        # session's original would have been a fifth batch
+        assert len(calls) == 4 * 21
+    finally:
+        demo.close()
+
+
+# -- the issue "What a researcher hits in the first hour" (UI) ------------------------------------------------
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(steps=0), "steps must be between 1 and 1000, got 0"),  # the library's check, reached (a slider clamped)
+    (dict(steps=10_000), "10000 steps exceed this app's cap of 50"),  # the app's cap, named
+    (dict(steps=2.5), "steps must be a whole number, got 2.5"),  # refused, not rounded
+    (dict(steps=None), "steps is empty; enter a whole number"),  # a cleared field
+    (dict(size=100), "height and width must be multiples of 8 (>= 8), got 100x100"),
+    (dict(size=10_000), "10000x10000 px exceeds this app's cap of 768 px per side"),
+    (dict(guidance=-1), "guidance must be a number >= 0, got -1.0"),
+])
+def test_out_of_range_settings_are_refused_with_their_range_not_clamped(client, settings, message):
+    values = {"steps": SETTINGS.steps, "guidance": SETTINGS.guidance, "size": SETTINGS.height} | settings
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict("a photo of Snoopy", "", "0", values["steps"], values["guidance"], values["size"],
+                       SETTINGS.scheduler, [], "object", "Snoopy", api_name="/generate")
+
+
+def test_user_errors_print_no_traceback_but_bugs_still_do(pipe, client, capfd, untouched):
+    capfd.readouterr()
+    with pytest.raises(AppError, match="seed 'x' is not a whole number"):
+        generate(client, "a", "", [], seeds="0, x", targets="Snoopy")
+    with pytest.raises(AppError, match="no target concept given"):
+        erase(client, "")
+    assert "Traceback" not in capfd.readouterr().err  # a user's mistake is not a server problem
+
+    def bug(module, args):
+        raise RuntimeError("injected bug")
+
+    hook = pipe.unet.register_forward_pre_hook(bug)
+    try:
+        with pytest.raises(AppError):
+            generate(client, "a photo of a bug", "", [], targets="Snoopy")
+    finally:
+        hook.remove()
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "RuntimeError: injected bug" in err  # a real bug keeps its traceback
+
+
+def test_layer_table_names_each_module_shortly_and_fits_its_numbers(client):
+    _, _, layers, _ = client.predict("Snoopy", "", "Mickey", "uce", api_name="/erase")
+    assert layers["headers"] == ["layer", "relative change", "target residual", "retain drift"]
+    names = [row[0] for row in layers["data"]]
+    # UCE edits keys and values: the two rows of one attention layer must be told apart at a glance.
+    assert names == ["down 1.0 · attn2.to_k", "down 1.0 · attn2.to_v", "up 0.0 · attn2.to_k", "up 0.0 · attn2.to_v",
+                     "up 0.1 · attn2.to_k", "up 0.1 · attn2.to_v", "mid 0 · attn2.to_k", "mid 0 · attn2.to_v"]
+    numbers = [value for row in layers["data"] for value in row[1:]]
+    assert all(isinstance(v, float) and 0 < v < 1 and len(f"{v:g}") <= 7 for v in numbers), numbers  # 3 digits
+
+
+def test_short_layer_names_cover_mid_and_later_transformer_blocks_and_keep_other_paths_whole():
+    assert app.short_layer_name("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == "mid 0 · attn2.to_k"
+    assert (app.short_layer_name("up_blocks.2.attentions.1.transformer_blocks.3.attn1.to_q")
+            == "up 2.1 block 3 · attn1.to_q")  # SDXL stacks several transformer blocks per attention
+    assert app.short_layer_name("down_blocks.0.resnets.1.conv1") == "down_blocks.0.resnets.1.conv1"
+
+
+def test_empty_tables_show_their_column_names_and_cancel_starts_greyed_out(server):
+    demo = app.build_demo(server[0])
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert by_id["summary"].value["headers"] == ["prompts", "column", "n", "CLIP to prompt", "95% CI",
+                                                 "Δ vs original", "CLIP to target"]  # were "1 2 3"
+    assert by_id["layers"].value["headers"] == ["layer", "relative change", "target residual", "retain drift"]
+    assert by_id["cancel"].variant == "secondary" and by_id["cancel"].interactive is False
+    assert by_id["generate"].variant == "primary"
+    assert not any(isinstance(block, gr.Slider) for block in demo.blocks.values())  # sliders clamp typed values
+
+
+def test_summary_plot_labels_are_short_and_its_axis_ends_on_a_round_number(client):
+    compared, _, _ = erase(client, "Snoopy")
+    *_, plot, _, _ = generate(client, "a photo of Snoopy", "a photo of Mickey", compared, targets="Snoopy")
+    labels = [row[0] for row in plot["value"]["data"]]
+    assert labels == ["erase: original", "erase: #1", "keep: original", "keep: #1"]  # level, no cut-off
+    assert [row[1] for row in plot["value"]["data"]] == ["original", "#1 UCE: Snoopy"] * 2  # the legend: in full
+    top = plot["y_lim"][1]
+    assert plot["y_lim"][0] == 0 and top >= max(row[2] for row in plot["value"]["data"])
+    assert top == app.axis_end(top) and app.axis_end(9.02) == 10 and app.axis_end(33.1) == 40
+
+
+def test_an_edit_file_is_written_once_where_gradio_serves_it(server, client):
+    studio, _ = server
+    concept = f"Zebra-{time.time_ns()}"  # a name no earlier run left in the shared cache folder
+    _, _, edit_file = erase(client, concept, method="speed")
+    staged = list(studio.files.glob(f"speed-{concept}-*.safetensors"))
+    assert len(staged) == 1 and Path(edit_file).read_bytes() == staged[0].read_bytes()
+    # Gradio serves a file already in its cache folder in place instead of copying it there. (The client,
+    # on this same machine, downloads into that folder too.)
+    copies = [p for p in Path(get_upload_folder()).rglob(f"speed-{concept}-*.safetensors")
+              if p not in (staged[0], Path(edit_file))]
+    assert copies == []
+
+
+def test_the_apps_file_folder_is_removed_with_the_studio(pipe):
+    studio = app.Studio(pipe, load_clip_scorer("tiny"))
+    folder = studio.files
+    (folder / "edit.safetensors").write_bytes(b"x")
+    assert studio.remove_files.atexit  # also at interpreter exit, if the studio is still alive then
+    del studio
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_fallback_notice_keeps_the_loaders_reason_in_whole_words(monkeypatch):
+    import diffusers
+
+    reason = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
+              "outgoing traffic has been disabled. ") * 4  # 440 characters, longer than the notice keeps
+
+    def unreachable(*args, **kwargs):
+        raise OSError(reason)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", unreachable)
+    _, _, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
+    shown = notice[notice.index("(") + 1: notice.index(")")]
+    assert shown.endswith(" …") and reason.startswith(shown.removesuffix(" …"))
+    assert shown.removesuffix(" …").split()[-1] in reason.split()  # the cut falls between words

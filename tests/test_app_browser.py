@@ -1,18 +1,21 @@
 """The app in a real browser: `python app.py --model tiny` as a subprocess on 127.0.0.1, driven by
-Playwright with Debian's Chromium, the way a user clicks through it.
+Playwright with Debian's Chromium at 1400 px wide, the way a user clicks through it.
 
+Each test saves its screenshots under a pytest tmp folder (the path is printed; `pytest -s` shows it).
 Set SCREENSHOT_TO=assets/screenshot.png to also refresh the README's screenshot.
 """
 
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,10 +23,33 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CAPTION = re.compile(r"CLIP to prompt \d+\.\d · to target \d+\.\d")
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+SUMMARY_HEADERS = ["prompts", "column", "n", "CLIP to prompt", "95% CI", "Δ vs original", "CLIP to target"]
+LAYER_HEADERS = ["layer", "relative change", "target residual", "retain drift"]
 
 # Skipped on a developer machine without Chromium; CI (which installs it) must run it, never skip it.
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and os.environ.get("CI") != "true",
                                 reason="needs Chromium (apt-get install chromium)")
+
+# Words of the text under an element that the layout split over two lines ("CLIP→targ|et").
+BROKEN_WORDS = """root => {
+  const broken = [], range = document.createRange();
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode;
+    for (const m of node.data.matchAll(/\\S+/g)) {
+      range.setStart(node, m.index);
+      range.setEnd(node, m.index + m[0].length);
+      const lines = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.bottom)));
+      if (lines.size > 1) broken.push(m[0]);
+    }
+  }
+  return broken;
+}"""
+# Elements whose text is wider than their box, i.e. cut off ("50" shown as "5").
+CLIPPED = """root => [root, ...root.querySelectorAll('*')]
+  .filter(e => e.childElementCount === 0 && e.textContent.trim() && e.scrollWidth > e.clientWidth + 1
+               && e.checkVisibility({visibilityProperty: true, opacityProperty: true}))
+  .map(e => e.textContent.trim())"""
 
 
 def free_port() -> int:
@@ -32,65 +58,128 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str, process: subprocess.Popen | None, log: Path | None) -> None:
+    deadline = time.monotonic() + 180  # imports (torch, diffusers, gradio, open_clip) dominate start-up
+    while True:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"app did not answer on {url}:\n{log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
+    """`python app.py --model tiny`, with Gradio's cache (where the app also keeps its downloads) in a tmp folder."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    folder = tmp_path_factory.mktemp("app")
+    log, cache = folder / "app.log", folder / "gradio-cache"
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(cache),
+           "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny"], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 180  # imports (torch, diffusers, gradio, open_clip) dominate start-up
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        wait_until_serving(url, process, log)
+        yield SimpleNamespace(url=url, log=log, cache=cache)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.send_signal(signal.SIGTERM)  # what a service manager sends
+        process.wait(timeout=60)
+    # The app keeps its downloads in a folder of its own inside Gradio's cache, and removes it when it stops.
+    assert list(cache.glob("erasure-studio-*")) == [], log.read_text()[-2000:]
 
 
-@pytest.fixture
-def page(app_url):
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"\nscreenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(120_000)
-        # Not "networkidle": the session heartbeat keeps a connection open for as long as the page lives.
-        page.goto(app_url)
-        page.wait_for_selector("#targets textarea")
-        yield page
+        yield browser
         browser.close()
 
 
-def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, tmp_path):
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(120_000)
+    # Not "networkidle": the session heartbeat keeps a connection open for as long as the page lives.
+    page.goto(url)
+    page.wait_for_selector("#targets textarea")
+    return page
+
+
+@pytest.fixture
+def page(app, browser):
+    page = open_page(browser, app.url)
+    yield page
+    page.close()
+
+
+def erase_snoopy(page):
     page.fill("#targets textarea", "Snoopy")
     page.fill("#retain textarea", "Mickey, Garfield")
     page.click("#erase")
     page.wait_for_selector("#edit-report :text('modules changed')")
+
+
+def set_target(page, target: str):
+    """Type a target, and wait for the prompts it suggests (they would overwrite prompts typed before)."""
+    page.fill("#targets textarea", target)
+    page.wait_for_function("t => document.querySelector('#erase-prompts textarea').value.includes(t)", arg=target)
+
+
+def set_number(page, elem_id: str, value: str):
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(value)
+    field.press("Tab")
+
+
+def header_texts(page, elem_id: str) -> list[str]:
+    headers = page.locator(f"#{elem_id} thead [role=columnheader]")
+    headers.first.wait_for()  # tables render after the page's first paint
+    return [t.strip() for t in headers.all_inner_texts()]
+
+
+def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, shots):
+    # Before any result, the tables name their columns (Gradio's default headers read "1 2 3").
+    assert header_texts(page, "summary")[:7] == SUMMARY_HEADERS
+    assert not page.is_enabled("#cancel")  # nothing runs yet
+    assert page.locator("input[type=range]").count() == 0  # number fields: a slider clamps what is typed
+    for field in ("seeds", "steps", "guidance", "size", "scheduler"):
+        assert page.locator(f"#{field}").evaluate(CLIPPED) == [], field
+    page.screenshot(path=str(shots / "empty.png"), full_page=True)
+
+    erase_snoopy(page)
     assert page.is_checked("#compared input[type=checkbox]")  # the new edit is a column to compare
+    page.click("#layers-accordion >> text=Per-layer statistics")
+    layer_cells = page.locator("#layers [role=gridcell][data-col='0']")
+    layer_cells.first.wait_for()
+    names = [t.strip() for t in layer_cells.all_inner_texts()]
+    assert names and len(set(names)) == len(names) and all(" · attn2.to_v" in n for n in names), names
+    assert header_texts(page, "layers")[:4] == LAYER_HEADERS
+    assert page.locator("#layers").evaluate(CLIPPED) == []  # names and numbers fit: no scrolling to read them
+    assert page.locator("#layers").evaluate(BROKEN_WORDS) == []
 
     page.fill("#erase-prompts textarea", "a photo of Snoopy")
     page.fill("#keep-prompts textarea", "a photo of Mickey")
     page.fill("#seeds textarea", "0, 1")
-    steps = page.locator("#steps input[type=number]")
-    steps.fill("2")
-    steps.press("Enter")
+    set_number(page, "steps", "2")
     page.click("#generate")
     page.wait_for_selector("#status :text('rows x')")
 
@@ -100,6 +189,12 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, tmp
     captions = page.locator("#erase-gallery .caption-label, #keep-gallery .caption-label").all_inner_texts()
     assert len(captions) == 8 and all(CAPTION.search(c) for c in captions), captions
     assert sum("Snoopy · seed" in c for c in captions) == 4 and sum("seed 1" in c for c in captions) == 4
+    # 64-px images: drawn crisp at 4x (256 px), not smoothed up to whatever width the cell has.
+    for image in images.all():
+        image.scroll_into_view_if_needed()  # the gallery loads images lazily
+        size = image.evaluate("async e => { await e.decode(); return [e.naturalWidth, "
+                              "e.getBoundingClientRect().width, getComputedStyle(e).imageRendering] }")
+        assert size[0] == 64 and abs(size[1] - 256) < 1 and size[2] == "pixelated", size
 
     summary = page.locator("#summary [role=row]:has([role=gridcell])")
     assert summary.count() == 4  # (should be erased | should be kept) x (original | edited)
@@ -107,10 +202,106 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, tmp
         cells = [c.strip() for c in row.locator("[role=gridcell]").all_inner_texts()]
         assert cells[0] in ("should be erased", "should be kept")
         assert all(NUMBER.match(cells[i]) for i in (2, 3, 5, 6)), cells
+    assert header_texts(page, "summary")[:7] == SUMMARY_HEADERS
+    assert page.locator("#summary").evaluate(BROKEN_WORDS) == []  # "CLIP→targ|et" was split
 
-    page.wait_for_timeout(500)  # let the bar plot finish drawing before the screenshot
-    shot = tmp_path / "app.png"
+    # The bar plot's category labels: level, whole and apart (they were rotated and cut).
+    page.wait_for_selector("#plot .role-axis-label text")
+    page.wait_for_timeout(500)  # let the bar plot finish drawing
+    labels = page.locator("#plot .role-axis-label").first.locator("text")
+    assert labels.all_text_contents() == ["erase: original", "erase: #1", "keep: original", "keep: #1"]
+    boxes = [label.bounding_box() for label in labels.all()]
+    assert all(abs(b["y"] - boxes[0]["y"]) < 1 for b in boxes)  # one level line, not rotated
+    assert all(a["x"] + a["width"] < b["x"] for a, b in zip(boxes, boxes[1:]))  # none overlaps the next
+    legend = page.locator("#plot .role-legend-label text").all_text_contents()
+    assert legend == ["original", "#1 SPEED: Snoopy"]
+    plot_box = page.locator("#plot").bounding_box()
+    for item in page.locator("#plot .role-legend-label text").all():  # the legend is inside the plot's frame
+        assert item.bounding_box()["y"] + item.bounding_box()["height"] <= plot_box["y"] + plot_box["height"]
+    assert not page.is_enabled("#cancel")  # greyed out again once the generation ended
+
+    shot = shots / "app.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
     if os.environ.get("SCREENSHOT_TO"):
         shutil.copyfile(shot, ROOT / os.environ["SCREENSHOT_TO"])
+
+
+def test_a_failed_request_names_its_reason_and_leaves_no_stale_result(app, page, shots):
+    set_target(page, "Snoopy")
+    page.fill("#erase-prompts textarea", "a photo of Snoopy")
+    page.fill("#keep-prompts textarea", "")
+    page.fill("#seeds textarea", "0")
+    set_number(page, "steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#status :text('rows x')")
+    assert page.locator("#erase-gallery img").count() == 1
+
+    for typed, message in (("0", "steps must be between 1 and 1000, got 0"),
+                           ("10000", "10000 steps exceed this app's cap of 50")):
+        set_number(page, "steps", typed)
+        assert page.locator("#steps input[type=number]").input_value() == typed  # not clamped
+        page.click("#generate")
+        page.wait_for_selector(f"[data-testid=toast-text]:has-text({message!r})")
+        page.wait_for_selector("#status :text('Generation failed')")
+    # The old result is gone, and no "Error" badge sits over any text.
+    assert page.locator("#erase-gallery img").count() == 0
+    assert page.locator("#status [data-testid=status-tracker] .error:visible").count() == 0
+    assert page.locator("#erase-gallery [data-testid=status-tracker] .error:visible").count() == 0
+    assert not page.is_enabled("#cancel")
+    page.screenshot(path=str(shots / "failed-generation.png"), full_page=True)
+
+    page.fill("#targets textarea", "")
+    page.click("#erase")
+    page.wait_for_selector("[data-testid=toast-text]:has-text('no target concept given')")
+    page.wait_for_selector("#edit-report :text('Failed')")
+    assert page.locator("#edit-report [data-testid=status-tracker] .error:visible").count() == 0
+    page.screenshot(path=str(shots / "failed-erase.png"), full_page=True)
+    # Users' mistakes leave the server's console quiet.
+    assert "Traceback" not in app.log.read_text()
+
+
+def test_cancel_is_live_only_while_a_generation_runs(page, shots):
+    set_target(page, "clock")
+    page.fill("#erase-prompts textarea", "a photo of a slow clock\na photo of a slower clock")
+    page.fill("#keep-prompts textarea", "")
+    page.fill("#seeds textarea", "0")
+    set_number(page, "steps", "50")
+    assert not page.is_enabled("#cancel")
+    page.click("#generate")
+    page.wait_for_selector("#cancel:enabled", timeout=30_000)
+    page.wait_for_selector(":text('original: denoising')")  # the generation is running, not only queued
+    page.screenshot(path=str(shots / "generating.png"))
+    page.click("#cancel")
+    page.wait_for_selector("#status :text('cancelled')")
+    page.wait_for_selector("#cancel:disabled")
+
+
+def test_fallback_banner_shows_the_loaders_reason_in_whole_words(monkeypatch, browser, shots):
+    """A model that cannot load: the app starts on the tiny model and says why (in-process, on a fake reason)."""
+    import diffusers
+
+    import app as studio_app
+    from erasure.limits import Limits
+
+    reason = "Cannot find an appropriate cached snapshot folder and outgoing traffic has been disabled. " * 5
+
+    def unreachable(*args, **kwargs):
+        raise OSError(reason)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", unreachable)
+    pipe, scorer, notice = studio_app.load_models("nobody/not-a-cached-model", device="cpu")
+    demo = studio_app.build_demo(studio_app.Studio(pipe, scorer, Limits(), notice))
+    _, url, _ = studio_app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None)
+    try:
+        page = open_page(browser, url)
+        banner = page.locator("#banner")
+        shown = banner.inner_text()
+        assert "could not load model 'nobody/not-a-cached-model'" in shown and " …)" in shown
+        kept = shown[shown.index("(Cannot") + 1: shown.index(" …)")]
+        assert reason.startswith(kept) and reason[len(kept)] == " "  # up to a whole word, then " …"
+        assert banner.evaluate(BROKEN_WORDS) == [] and banner.evaluate(CLIPPED) == []
+        banner.screenshot(path=str(shots / "fallback-banner.png"))
+        page.close()
+    finally:
+        demo.close()

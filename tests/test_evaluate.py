@@ -180,3 +180,36 @@ def test_evaluate_on_the_random_model_defaults_to_3_steps_decodes_no_image_and_e
     assert not opened  # scored from memory, not read back from the PNGs just written
     # once as a prompt or concept text and once among the zero-shot class templates; not once per seed
     assert encoded.count("a photo of Snoopy") <= 2 and encoded.count("a picture of Mickey") <= 2
+
+
+def test_charts_are_matplotlib_figures_with_round_ticks_and_whole_labels(tmp_path):
+    from erasure.evaluate import accuracy_chart, save_chart, score_chart
+
+    def interval(mean):
+        return {"mean": mean, "ci_low": mean - 1.3, "ci_high": mean + 1.1, "n": 20, "level": 0.95}
+
+    def block(original, edited):
+        return {"original": {"score": interval(original)}, "edited": {"score": interval(edited)}}
+
+    metrics = {"clip": {"backbone": "ViT-H-14 laion2b_s32b_b79k"},
+               "sets": {"erase": {"clip_to_prompt": block(31.4, 22.7), "clip_to_concept": block(27.9, 18.2)},
+                        "neutral": {"clip_to_prompt": block(29.5, 29.4)}},
+               "accuracy": {"per_concept": {
+                   "Snoopy": {"set": "erase", "original": 0.9, "edited": 0.1, "n": 10},
+                   "a retain concept with a rather long name": {"set": "retain", "original": 0.6, "edited": 0.5,
+                                                                 "n": 10}}}}
+    scores, accuracy = score_chart(metrics), accuracy_chart(metrics)
+    axes = scores.axes[0]
+    low, high = axes.get_xlim()
+    ticks = [t for t in axes.get_xticks() if low <= t <= high]
+    assert ticks[0] == 0 and all(t % 10 == 0 for t in ticks), ticks  # 0, 10, 20, 30 (was 4.59, 9.18, 13.8)
+    labels = [label.get_text().replace("\n", " ") for label in axes.get_yticklabels()]
+    assert labels == ["erase: CLIP to prompt", "erase: CLIP to concept", "neutral: CLIP to prompt"]
+    assert all(label.get_rotation() == 0 for label in axes.get_yticklabels() + axes.get_xticklabels())
+    shares = [label.get_text() for label in accuracy.axes[0].get_xticklabels()]
+    assert shares == ["0%", "20%", "40%", "60%", "80%", "100%"]
+    assert [label.get_text().replace("\n", " ") for label in accuracy.axes[0].get_yticklabels()] == [
+        "Snoopy (erase)", "a retain concept with a rather long name (retain)"]  # wrapped whole, not cut
+    save_chart(scores, tmp_path / "scores.png")
+    with Image.open(tmp_path / "scores.png") as image:
+        assert image.size[0] >= 1000  # 7.5 in at 150 dpi: 9-pt labels stay readable
