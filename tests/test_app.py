@@ -69,6 +69,13 @@ def pixels(item) -> np.ndarray:
     return np.asarray(Image.open(item["image"]).convert("RGB"))
 
 
+def wait_until(condition, timeout: float) -> None:
+    """Poll `condition` until it holds or `timeout` seconds pass (the assertion after it says which)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def count_unet_calls(pipe):
     calls = []
     return calls, pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -292,9 +299,7 @@ def test_a_session_that_disconnects_frees_its_edits_at_once(server, monkeypatch)
     monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # how soon the server notices a closed connection
     with httpx.stream("GET", f"{url.rstrip('/')}/gradio_api/heartbeat/{client.session_hash}", timeout=10) as beat:
         next(beat.iter_lines())  # the session is alive, as a browser tab's would be; then it closes
-    deadline = time.monotonic() + 20
-    while client.session_hash in studio.edits.owners() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: client.session_hash not in studio.edits.owners(), timeout=20)
     assert client.session_hash not in studio.edits.owners()  # not an hour later, as Gradio's state would
 
 
@@ -304,9 +309,7 @@ def test_a_clients_job_cancel_stops_the_server_at_the_next_step_and_frees_the_lo
     try:
         job = client.submit("a\nb\nc\nd", "e\nf\ng\nh", "0", 50, SETTINGS.guidance, SETTINGS.height,
                             SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
-        deadline = time.monotonic() + 60
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(calls) >= 2, timeout=60)
         job.cancel()
         cancelled = time.monotonic()
         with erasure.applied(pipe, None):  # the engine's lock: held by the generation until it stops
@@ -331,9 +334,7 @@ def test_cancel_takes_a_waiting_generation_off_the_queue(pipe, untouched):
         try:
             running = first.submit("a\nb\nc\nd", "e\nf\ng\nh", "0", 20, SETTINGS.guidance, SETTINGS.height,
                                    SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
-            deadline = time.monotonic() + 60
-            while not calls and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: calls, timeout=60)
             waiting = second.submit("a photo of a cat", "", "0", 20, SETTINGS.guidance, SETTINGS.height,
                                     SETTINGS.scheduler, [], "object", "cat", api_name="/generate")
             time.sleep(0.5)  # let it join the queue
