@@ -18,7 +18,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="speed", choices=sorted(METHODS))
+    parser.add_argument("--method", default="speed", choices=sorted(METHODS),
+                        help="the erasure method (default speed)")
     parser.add_argument("--preset", default=None, help="fills targets, anchors, retain and the method's settings")
     parser.add_argument("--targets", default=None, help="comma-separated concepts to erase (overrides the preset)")
     parser.add_argument("--anchors", default=None, help="comma-separated anchors: one, or one per target")

@@ -98,7 +98,7 @@ def add_evaluate_parser(commands) -> None:
     parser.set_defaults(run=cmd_evaluate)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m erasure", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -120,15 +120,21 @@ def main(argv=None) -> int:
 
     bench = commands.add_parser("bench", help="time text encoding and solves on full-size SD-1.4 (random weights)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100])
-    bench.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100],
+                       help="numbers of target concepts to time (default 1 10 100)")
+    bench.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS),
+                       help="methods to time (default: all)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the table shows medians")
     bench.add_argument("--json", default=None, help="also write the results here")
     bench.set_defaults(run=cmd_bench)
 
     add_evaluate_parser(commands)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
         args.run(args)

@@ -66,3 +66,14 @@ def test_generate_refuses_a_grid_file_name_pillow_cannot_write_before_generating
     monkeypatch.setattr(erasure, "load_pipeline", None)  # any model load would fail loudly: none must happen
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "grid.txt")]) == 2
     assert "is not an image file name; use .png or .jpg" in capsys.readouterr().err
+
+
+def test_every_flag_has_help_and_shared_parameters_show_each_methods_default():
+    from erasure.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    lamb = next(a for a in commands["erase"]._actions if a.dest == "lamb").help
+    assert "speed: λ" in lamb and "(default 0.0)" in lamb and "uce: ridge λ" in lamb and "(default 0.5)" in lamb
