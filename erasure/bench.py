@@ -32,13 +32,14 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
     print(f"built {model} on {device} ({pipe.unet.dtype}) in {time.perf_counter() - start:.1f} s; "
           f"{len(pipeline_state(pipe).modules)} editable projections")
     pool = list(load_preset("celebrity-100").targets) + list(load_preset("instance").retain)
-    retain = list(load_preset("instance").retain)[: 600]
+    instance_retain = list(load_preset("instance").retain)[:600]
     results = []
     for method in methods or sorted(METHODS):
+        retain = instance_retain if METHODS[method].uses_retain else []  # ScaPre takes none
         # warm-up of kernels and allocator only: caches are cleared before every timed first edit
         erase(pipe, method, targets=pool[:1], anchors=[""], retain=retain[:8])
         for n in concept_counts:
-            targets = [t for t in pool if t not in retain][:n]
+            targets = [t for t in pool if t not in instance_retain][:n]
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             runs = [_time_first_and_next_edit(pipe, method, targets, retain) for _ in range(repeats)]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import erasure
+from erasure.lru import LRU
 from erasure.methods import ConceptRows, concept_rows
 from erasure.methods.speed import SpeedParams, invariant_rows, speed
 from erasure.pipeline import pipeline_state
@@ -144,13 +145,136 @@ def test_speed_drops_retain_texts_naming_a_target(pipe):
     assert retain_texts_without_targets(edit.retain, ["Mickey"]) == ["Minnie Mouse", "Goofy"]
 
 
-def test_thin_qr_is_exact_and_falls_back_on_dependent_columns():
-    from erasure.methods.speed import thin_qr
+def fresh_least_gain(monkeypatch, module, **settings):
+    monkeypatch.setattr(module, "LEAST_GAIN_CACHE", LRU(max_items=8))
+    for name, value in settings.items():
+        monkeypatch.setattr(module, name, value)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300), (40, 90), (90, 40)])
+@pytest.mark.parametrize("lanczos", [True, False])
+def test_least_gain_direction_is_the_smallest_right_singular_vector(monkeypatch, shape, lanczos):
+    # Reference definition: the right singular vector of the smallest singular value of the reduced SVD
+    # (for a wide W the smallest non-zero one), from torch.linalg.svd; equal up to sign. Tolerance: 100×
+    # the first-order perturbation bound ε σ_max² / (σ₂² − σ₁²) of a backward-stable answer (<= 3e-11
+    # for these matrices; observed errors are ~1e-14). Both paths: Lanczos (also forced on the small
+    # matrices) and the dense eigh fallback.
+    from erasure.methods import speed as module
+
+    fresh_least_gain(monkeypatch, module, LANCZOS_MIN_SIZE=0 if lanczos else 10**9)
+    for seed in range(3):
+        w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        values = torch.linalg.svdvals(w)
+        tolerance = 100 * torch.finfo(torch.float64).eps * values[0] ** 2 / (values[-2] ** 2 - values[-1] ** 2)
+        assert tolerance < 1e-10
+        reference = torch.linalg.svd(w, full_matrices=False).Vh[-1]
+        v = module.least_gain_direction(w)
+        assert min((v - reference).norm(), (v + reference).norm()) <= tolerance
+        assert abs(v.norm() - 1) <= 1e-14
+        assert v[v.abs().argmax()] > 0  # canonical sign
+        if lanczos:  # the iteration itself was accepted, not the fallback
+            gram = module.gram_matrix(w.T) if shape[0] < shape[1] else module.gram_matrix(w)
+            assert module.lanczos_smallest(gram, torch.linalg.cholesky(gram)) is not None
+
+
+def test_least_gain_direction_falls_back_to_eigh(monkeypatch):
+    from erasure.methods import speed as module
+
+    fresh_least_gain(monkeypatch, module, LANCZOS_MIN_SIZE=0)
+    # singular Gram (a zero input column): Cholesky fails, eigh gives the null direction, sign canonical
+    w = torch.randn(90, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w[:, 7] = 0
+    assert torch.allclose(module.least_gain_direction(w), torch.eye(40, dtype=torch.float64)[7], atol=1e-14)
+    # a start vector without a component along the smallest eigenvector: Lanczos converges to the next
+    # eigenvalue, and the positive-definiteness check on G − (λ − δ)I rejects it
+    gram = torch.diag(torch.cat([torch.tensor([0.5, 1.0]), torch.linspace(2, 10, 98)]).double())
+    start = torch.ones(100, dtype=torch.float64)
+    start[0] = 0
+    assert module.lanczos_smallest(gram, torch.linalg.cholesky(gram), start) is None
+    assert torch.allclose(module.smallest_eigenvector(gram).abs(), torch.eye(100, dtype=torch.float64)[0])
+    # no convergence within the step budget: eigh, same direction
+    w = torch.randn(300, 700, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = module.least_gain_direction(w)
+    fresh_least_gain(monkeypatch, module, LANCZOS_MAX_STEPS=5)
+    gram = module.gram_matrix(w.T)
+    assert module.lanczos_smallest(gram, torch.linalg.cholesky(gram)) is None
+    assert (module.least_gain_direction(w) - expected).norm() <= 1e-12
+
+
+def test_least_gain_sign_changes_the_seeded_dpa_draws():
+    # Why the sign is canonicalised: ‖D0 (c + s v)‖ has the cross term 2 s (D0 c)·(D0 v), so −v with the
+    # same draws s keeps other augmentations (the same distribution of edits as +v, not the same edit).
+    from erasure.methods.speed import prior_rows
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 40, generator=generator, dtype=torch.float64)
-    nearly_dependent = torch.cat([x, x[:, :1] + 1e-13 * x[:, 1:2]], dim=1)  # Cholesky of xᵀx breaks down
-    for matrix in (x, nearly_dependent):
-        q, r = thin_qr(matrix)
-        assert torch.allclose(q @ r, matrix, atol=1e-12)
-        assert (q.T @ q - torch.eye(q.shape[1], dtype=torch.float64)).abs().max() <= 1e-12
+    retain = torch.randn(200, 64, generator=generator, dtype=torch.float64)
+    coefficients = torch.randn(200, 3, generator=generator, dtype=torch.float64)
+    w_errors = torch.randn(3, 32, generator=generator, dtype=torch.float64)
+    v = torch.randn(64, generator=generator, dtype=torch.float64)
+    v_coefficients = torch.randn(3, generator=generator, dtype=torch.float64)
+    plus, minus = (prior_rows(retain, coefficients, sign * v_coefficients, w_errors, sign * v, SpeedParams(),
+                              torch.Generator().manual_seed(1)) for sign in (1, -1))
+    assert torch.equal(plus.rows[:-1], minus.rows[:-1])  # IPF does not involve v
+    assert not torch.allclose(plus.scale, minus.scale)  # DPA's kept draws do
+
+
+def test_prior_rows_from_the_target_metric_equal_the_direct_norms():
+    # With fewer targets than outputs the norms ‖D0 c‖ and (D0 c)·(D0 v) come from the n_t×n_t metric;
+    # with D0 c given directly (identity w_errors) they are computed from the rows: the same priors.
+    from erasure.methods.speed import prior_rows
+
+    generator = torch.Generator().manual_seed(0)
+    retain = torch.randn(300, 64, generator=generator, dtype=torch.float64)
+    coefficients = torch.randn(300, 5, generator=generator, dtype=torch.float64)
+    w_errors = torch.randn(5, 40, generator=generator, dtype=torch.float64)
+    v = torch.randn(64, generator=generator, dtype=torch.float64)
+    v_coefficients = torch.randn(5, generator=generator, dtype=torch.float64)
+    eye = torch.eye(40, dtype=torch.float64)
+    for p in (SpeedParams(), SpeedParams(disable_filter=True)):
+        by_metric = prior_rows(retain, coefficients, v_coefficients, w_errors, v, p, torch.Generator().manual_seed(1),
+                               retain @ retain.T)
+        direct = prior_rows(retain, coefficients @ w_errors, v_coefficients @ w_errors, eye, v, p,
+                            torch.Generator().manual_seed(1))
+        assert torch.equal(by_metric.rows, direct.rows) and by_metric.count == direct.count
+        assert torch.allclose(by_metric.scale, direct.scale, rtol=1e-12)
+        assert torch.allclose(by_metric.border, direct.border, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(by_metric.gram, direct.rows @ direct.rows.T, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("count", [40, 150])  # fewer rows than d (r×r path), and more (d×d path)
+def test_kept_basis_is_the_dense_covariance_eigenspace(count):
+    from erasure.methods.speed import PriorRows, kept_basis
+
+    generator = torch.Generator().manual_seed(0)
+    d = 100
+    rows = torch.randn(count, d, generator=generator, dtype=torch.float64) * torch.logspace(0, -3, d).double()
+    scale = 1 + torch.rand(count, generator=generator, dtype=torch.float64)
+    border = torch.randn(count, generator=generator, dtype=torch.float64) * 0.3
+    border[-1] = 0
+    prior = PriorRows(rows, scale, border, float(count) * 2)
+    y = scale[:, None] * rows + border[:, None] * rows[-1]
+    values, vectors = torch.linalg.eigh(y.T @ y / prior.count)
+    gaps = values[1:] / values[:-1].clamp_min(1e-300)
+    middle = int(gaps[d - min(count, d) + 2: -2].argmax()) + d - min(count, d) + 2  # a wide gap among non-zero ones
+    threshold = float((values[middle] * values[middle + 1]).sqrt())
+    dense = vectors[:, values >= threshold]
+    basis = kept_basis(prior, threshold)
+    assert basis.shape == dense.shape
+    assert (basis.T @ basis - torch.eye(basis.shape[1], dtype=torch.float64)).abs().max() <= 1e-13
+    assert (basis @ basis.T - dense @ dense.T).norm() <= 1e-10
+
+
+def test_speed_through_lanczos_is_repeatable_and_equals_eigh(pipe, instance_pool, monkeypatch):
+    # The tiny pipeline's 64×256 weights normally take eigh; force the Lanczos path. With the cache
+    # cleared between solves the edit is bitwise the same, and equal to the eigh path to round-off.
+    from erasure.methods import speed as module
+
+    rows, weights = rows_and_weights(pipe, instance_pool[:200])
+    p = SpeedParams(seed=3)
+    edits = []
+    for size in (0, 0, 10**9):
+        fresh_least_gain(monkeypatch, module, LANCZOS_MIN_SIZE=size)
+        edits.append(speed(weights, rows, p))
+    for name, w in weights.items():
+        assert torch.equal(edits[0][name], edits[1][name])
+        assert (edits[0][name] - edits[2][name]).norm() <= 1e-9 * (edits[2][name] - w).norm()
