@@ -289,18 +289,31 @@ def test_unloadable_model_falls_back_to_the_tiny_model_with_a_plain_notice():
     assert "offline random-weight `tiny` model instead" in notice
 
 
-def test_a_session_that_disconnects_frees_its_edits_at_once(server, monkeypatch):
+def test_a_session_that_disconnects_stops_its_generation_and_frees_its_edits_at_once(pipe, server, monkeypatch,
+                                                                                      untouched):
     import httpx
 
     studio, url = server
     client = Client(url, verbose=False)
-    erase(client, "Snoopy")
+    compared, _, _ = erase(client, "Snoopy")
     assert client.session_hash in studio.edits.owners()
     monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # how soon the server notices a closed connection
-    with httpx.stream("GET", f"{url.rstrip('/')}/gradio_api/heartbeat/{client.session_hash}", timeout=10) as beat:
-        next(beat.iter_lines())  # the session is alive, as a browser tab's would be; then it closes
-    wait_until(lambda: client.session_hash not in studio.edits.owners(), timeout=20)
+    calls, hook = count_unet_calls(pipe)
+    try:
+        with httpx.stream("GET", f"{url.rstrip('/')}/gradio_api/heartbeat/{client.session_hash}", timeout=10) as beat:
+            next(beat.iter_lines())  # the session is alive, as a browser tab's would be
+            client.submit("a\nb\nc\nd", "e\nf\ng\nh", "0", 50, SETTINGS.guidance, SETTINGS.height,
+                          SETTINGS.scheduler, compared, "object", "Snoopy", api_name="/generate")
+            wait_until(lambda: len(calls) >= 2, timeout=60)
+        # the tab closed mid-generation
+        wait_until(lambda: client.session_hash not in studio.edits.owners(), timeout=20)
+        with erasure.applied(pipe, None):  # the lock comes free: the generation stopped
+            settled = len(calls)
+        time.sleep(1.0)
+    finally:
+        hook.remove()
     assert client.session_hash not in studio.edits.owners()  # not an hour later, as Gradio's state would
+    assert len(calls) == settled and settled < 8 * 51  # far short of the 8 images x 51 passes of a full run
 
 
 def test_a_clients_job_cancel_stops_the_server_at_the_next_step_and_frees_the_lock(pipe, client, untouched):
