@@ -69,6 +69,11 @@ class LRU(Generic[V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def items(self) -> list[tuple[Hashable, V]]:
+        """A snapshot of (key, value), oldest first, that leaves recency as it is."""
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._entries.items()]
+
     def __iter__(self) -> Iterator[Hashable]:
         with self._lock:
             return iter(list(self._entries))

@@ -43,10 +43,10 @@ class EditStore:
 
     def discard_session(self, owner: str) -> None:
         """Free every edit a closed session held."""
-        self.discard([edit_id for edit_id in self._edits if (self._edits.get(edit_id) or ("",))[0] == owner])
+        self.discard([edit_id for edit_id, (holder, _) in self._edits.items() if holder == owner])
 
     def owners(self) -> list[str]:
-        return [entry[0] for edit_id in self._edits if (entry := self._edits.get(edit_id)) is not None]
+        return [holder for _, (holder, _) in self._edits.items()]
 
     def __len__(self) -> int:
         return len(self._edits)

@@ -17,6 +17,14 @@ def test_lru_evicts_least_recently_used_entries_past_its_byte_cap():
     assert list(cache) == ["big"] and cache.nbytes == 50
 
 
+def test_items_is_a_snapshot_that_leaves_recency_alone():
+    cache = LRU(max_items=2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache.items() == [("a", 1), ("b", 2)]
+    cache["c"] = 3  # "a" is still the oldest, so it goes
+    assert list(cache) == ["b", "c"]
+
+
 def test_lru_count_cap_and_pop():
     cache = LRU(max_items=2)
     for key in "abc":
