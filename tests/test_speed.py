@@ -201,17 +201,19 @@ def test_least_gain_direction_falls_back_to_eigh(monkeypatch):
     assert (module.least_gain_direction(w) - expected).norm() <= 1e-12
 
 
+def random_prior_inputs(rows: int, targets: int, outputs: int, d: int = 64):
+    """Seeded stand-ins for prior_rows' inputs: retain rows, their D0 coefficients, W Eᵀ, v and its coefficients."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(rows, d), (rows, targets), (targets, outputs), (d,), (targets,)]
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
 def test_least_gain_sign_changes_the_seeded_dpa_draws():
     # Why the sign is canonicalised: ‖D0 (c + s v)‖ has the cross term 2 s (D0 c)·(D0 v), so −v with the
     # same draws s keeps other augmentations (the same distribution of edits as +v, not the same edit).
     from erasure.methods.speed import prior_rows
 
-    generator = torch.Generator().manual_seed(0)
-    retain = torch.randn(200, 64, generator=generator, dtype=torch.float64)
-    coefficients = torch.randn(200, 3, generator=generator, dtype=torch.float64)
-    w_errors = torch.randn(3, 32, generator=generator, dtype=torch.float64)
-    v = torch.randn(64, generator=generator, dtype=torch.float64)
-    v_coefficients = torch.randn(3, generator=generator, dtype=torch.float64)
+    retain, coefficients, w_errors, v, v_coefficients = random_prior_inputs(rows=200, targets=3, outputs=32)
     plus, minus = (prior_rows(retain, coefficients, sign * v_coefficients, w_errors, sign * v, SpeedParams(),
                               torch.Generator().manual_seed(1)) for sign in (1, -1))
     assert torch.equal(plus.rows[:-1], minus.rows[:-1])  # IPF does not involve v
@@ -223,12 +225,7 @@ def test_prior_rows_from_the_target_metric_equal_the_direct_norms():
     # with D0 c given directly (identity w_errors) they are computed from the rows: the same priors.
     from erasure.methods.speed import prior_rows
 
-    generator = torch.Generator().manual_seed(0)
-    retain = torch.randn(300, 64, generator=generator, dtype=torch.float64)
-    coefficients = torch.randn(300, 5, generator=generator, dtype=torch.float64)
-    w_errors = torch.randn(5, 40, generator=generator, dtype=torch.float64)
-    v = torch.randn(64, generator=generator, dtype=torch.float64)
-    v_coefficients = torch.randn(5, generator=generator, dtype=torch.float64)
+    retain, coefficients, w_errors, v, v_coefficients = random_prior_inputs(rows=300, targets=5, outputs=40)
     eye = torch.eye(40, dtype=torch.float64)
     for p in (SpeedParams(), SpeedParams(disable_filter=True)):
         by_metric = prior_rows(retain, coefficients, v_coefficients, w_errors, v, p, torch.Generator().manual_seed(1),
