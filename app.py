@@ -1,8 +1,9 @@
 """Erasure Studio: erase concepts from a Stable Diffusion model in seconds, then compare what the
 original and each edit draw on the same seeds, with CLIP scores. A thin UI over the `erasure` package.
 
-    python app.py                  # CompVis/stable-diffusion-v1-4 (a GPU is recommended)
-    python app.py --model tiny     # offline demo: random weights, runs on a CPU
+    python app.py                  # CompVis/stable-diffusion-v1-4 on a GPU; without one, the toy world
+    python app.py --model toy      # the toy world: a small model trained here on shapes, offline, on a CPU
+    python app.py --model tiny     # random weights (tests): only the mechanics
 
 Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens (default 127.0.0.1:7860).
 """
@@ -30,6 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import anyio
 import gradio as gr
 import pandas as pd
+import torch
 from gradio.utils import get_upload_folder
 
 import erasure
@@ -40,10 +42,12 @@ from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Set
 from erasure.limits import Limits
 from erasure.pipeline import pipeline_state
 from erasure.presets import KINDS, load_preset
+from erasure import scoring
 from erasure.scoring import ScorerLoadError, load_clip_scorer
 from erasure.sessions import CancelFlags, EditStore
 from erasure.text import split_concepts
 from erasure.tiny import RANDOM_MODELS
+from erasure.toy import TOY_MODEL
 
 try:  # Hugging Face ZeroGPU: a GPU is attached only while a decorated function runs
     import spaces
@@ -270,6 +274,11 @@ class Studio:
         state = pipeline_state(self.pipe)
         device = next(iter(state.parameters.values())).device
         lines = [f"**Model** `{self.model_id}` on {device.type} · {self._scorer_note()}"]
+        if self.model_id == TOY_MODEL:
+            lines.append("This is the **toy world**: a small model trained in this project on rendered 32×32 shapes, "
+                         "colours and styles, with a CLIP trained on its captions. Try a *toy-* preset: erased shapes "
+                         "visibly disappear. Start with `--model CompVis/stable-diffusion-v1-4` on a GPU for "
+                         "real images.")
         if self.model_id in RANDOM_MODELS:
             lines.append("This is the offline **random-weight** model: images are noise-like and only show that "
                          "edits, seeds and scores work. Start with `--model CompVis/stable-diffusion-v1-4` for "
@@ -448,9 +457,10 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
             with gr.Column(scale=1, min_width=340):
                 gr.Markdown("### 1 · Concepts")
                 with gr.Row():
-                    preset = gr.Dropdown(["", *erasure.presets()], value="", label="Preset", scale=2,
+                    preset = gr.Dropdown(["", *erasure.presets(studio.model_id)], value="", label="Preset", scale=2,
                                          allow_custom_value=True)  # an unknown name gets our message
-                    kind = gr.Dropdown(list(KINDS), value="object", label="Kind (picks prompt templates)",
+                    kind = gr.Dropdown(list(KINDS), value="toy-shape" if studio.model_id == TOY_MODEL else "object",
+                                       label="Kind (picks prompt templates)",
                                        scale=2)
                 targets = gr.Textbox(label="Target: concepts to erase", placeholder="e.g. Snoopy, Mickey",
                                      info="comma-separated on one line, or one per line", elem_id="targets")
@@ -562,22 +572,30 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.launch(css_paths=[CSS], max_file_size="200mb", **kwargs)
 
 
-def load_models(model: str, device: str | None) -> tuple:
-    """The pipeline and scorer; if `model` cannot be loaded, the tiny offline model with a notice saying why."""
+def load_models(model: str | None, device: str | None) -> tuple:
+    """The pipeline, its scorer and a notice for the banner. No model given: SD-1.4 on a GPU, the toy world
+    without one. A model that cannot be loaded falls back to the toy world, with the reason in the notice."""
     notice = ""
+    if model is None:
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        model = erasure.DEFAULT_MODEL if cuda else TOY_MODEL
+        if not cuda:
+            notice = (f"No GPU found, so the app started on the toy world (`--model {erasure.DEFAULT_MODEL}` "
+                      f"runs SD-1.4 on the CPU, at minutes per image).")
     try:
         pipe = erasure.load_pipeline(model, device=device)
     except erasure.ModelLoadError as error:
-        if model in RANDOM_MODELS:
+        if model in RANDOM_MODELS or model == TOY_MODEL:
             raise
-        notice = (f"{error} The app started with the offline random-weight `tiny` model instead "
-                  f"(`python app.py --model tiny` starts it directly).")
+        notice = (f"{error} The app started with the offline toy world instead (`python app.py --model toy` "
+                  f"starts it directly).")
         print(f"warning: {notice}", file=sys.stderr)
-        pipe = erasure.load_pipeline("tiny", device=device)
-    if pipeline_state(pipe).model_id in RANDOM_MODELS:
+        pipe = erasure.load_pipeline(TOY_MODEL, device=device)
+    model_id = pipeline_state(pipe).model_id
+    if model_id in RANDOM_MODELS:
         return pipe, load_clip_scorer("tiny"), notice
     try:
-        return pipe, load_clip_scorer(), notice
+        return pipe, load_clip_scorer("toy" if model_id == TOY_MODEL else scoring.DEFAULT_CLIP[0]), notice
     except ScorerLoadError as error:
         notice = f"{notice} {error}; CLIP scores use the random-weight tiny scorer instead.".strip()
         print(f"warning: {error}", file=sys.stderr)
@@ -586,8 +604,9 @@ def load_models(model: str, device: str | None) -> tuple:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=erasure.DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
+    parser.add_argument("--model", default=None,
+                        help=f"hub id, local diffusers folder, single .safetensors/.ckpt file, 'toy' (the offline toy "
+                             f"world) or 'tiny' (random weights); default: {erasure.DEFAULT_MODEL} on a GPU, else toy")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--max-images", type=int, default=Limits.max_images,
                         help="cap on prompts x seeds per generation (raise it on a private GPU machine)")

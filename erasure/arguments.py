@@ -13,7 +13,8 @@ from .text import split_concepts
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, or 'tiny' (offline)")
+                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, 'toy' (the offline toy "
+                             "world) or 'tiny' (random weights)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 

@@ -87,7 +87,8 @@ def add_evaluate_parser(commands) -> None:
                         help="(prompt, seed) pairs per block, the unit of sharding and of CLIP scoring; images do "
                              "not depend on it, scores may in the last digits, so keep it when comparing runs")
     parser.add_argument("--clip-model", default=None,
-                        help="open_clip model name (default ViT-L-14; 'tiny' random weights with --model tiny)")
+                        help="open_clip model name (default ViT-L-14; with --model toy or tiny, that model's own "
+                             "offline CLIP)")
     parser.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default openai)")
     parser.add_argument("--fid-features", default="auto", choices=["auto", "inception", "clip"],
                         help="auto: Inception-v3 (the papers'), else the CLIP image encoder with a label saying so")

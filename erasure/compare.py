@@ -19,7 +19,7 @@ from .edit import Edit
 from .generate import OriginalCache, Settings, generate_images, originals
 from .pipeline import pipeline_state
 from .provenance import package_versions
-from .presets import KINDS, concept_text, neutral_prompts, prompt_templates
+from .presets import KINDS, concept_text, names_any, neutral_prompts, prompt_templates
 from .scoring import ClipScorer, ClipScores, summarize_scores
 
 ORIGINAL = "original"
@@ -46,7 +46,7 @@ def suggest_prompts(kind: str, targets: Sequence[str], retain: Sequence[str], pe
     templates = prompt_templates(kind)
     erase = [template.format(target) for template in templates for target in targets][:per_group]
     keep = [templates[0].format(concept) for concept in retain[: max(0, per_group - neutral)]]
-    keep += neutral_prompts()[: per_group - len(keep)]
+    keep += [p for p in neutral_prompts(kind) if not names_any(p, targets)][: per_group - len(keep)]
     return ComparisonPrompts(tuple(erase), tuple(keep))
 
 

@@ -30,7 +30,7 @@ SETS = ("erase", "retain", "neutral")
 ROW_FIELDS = ("index", "set", "concept", "prompt", "seed", "original_key",
               "clip_prompt_cos_original", "clip_prompt_cos_edited", "clip_concept_cos_original",
               "clip_concept_cos_edited", "class_original", "class_edited", "nude_original", "nude_edited",
-              "nude_classes_original", "nude_classes_edited")
+              "nude_classes_original", "nude_classes_edited", "judge_original", "judge_edited")
 
 
 def cmd_evaluate(args) -> None:
@@ -61,7 +61,7 @@ def cmd_evaluate(args) -> None:
         raise ValueError("--seeds must be >= 1")
     device = args.device if world == 1 and args.device else str(state.device)
     device = "cpu" if device.startswith("cpu") else device
-    clip_name = args.clip_model or ("tiny" if args.model == "tiny" else scoring.DEFAULT_CLIP[0])
+    clip_name = args.clip_model or (args.model if args.model in ("tiny", "toy") else scoring.DEFAULT_CLIP[0])
     clip_tag = args.clip_pretrained or scoring.DEFAULT_CLIP[1]
     try:
         scorer = scoring.load_clip_scorer(clip_name, clip_tag, device=device)
@@ -103,6 +103,7 @@ def cmd_evaluate(args) -> None:
                                              *(it.concept for it in items if it.set == "retain")] if c.strip()))
     class_features = scorer.class_features(classes, prompt_templates(kind, full=True)) if len(classes) > 1 else None
     detector = scoring.load_nudity_detector() if kind == "nudity" else None
+    judge = _toy_judge(pipe)
     # Each distinct prompt and concept text is encoded once (not once per seed), in the same order on every
     # process, so no score depends on how the pairs are sharded.
     texts = list(dict.fromkeys([item.prompt for item in items]
@@ -120,7 +121,7 @@ def cmd_evaluate(args) -> None:
             image.save(edited_dir / f"{i:06d}.png")
         # scored while in memory: no image is decoded again
         rows.extend(_score_block(block, pairs, keys, images, text_features, scorer, class_features, classes,
-                                 detector, kind))
+                                 detector, kind, judge))
     shards.mkdir(parents=True, exist_ok=True)
     (shards / f"rows-{rank}.json").write_text(json.dumps(rows), "utf-8")
     state.wait_for_everyone()
@@ -133,7 +134,7 @@ def cmd_evaluate(args) -> None:
         raise RuntimeError(f"merged {len(rows)} score rows for {len(pairs)} images; a process did not finish")
     shutil.rmtree(shards)
 
-    metrics = summarize(rows, classes if class_features is not None else [], scorer, kind)
+    metrics = summarize(rows, classes if class_features is not None else [], scorer, kind, judged=judge is not None)
     neutral = [i for i, (item, _) in enumerate(pairs) if item.set == "neutral"]
     with tqdm(total=1, desc="fid/kid", disable=quiet) as bar:
         metrics["fid_kid"] = _fid_kid([cache.get(keys[i]) for i in neutral],
@@ -155,10 +156,19 @@ def _open(path):
         return image.convert("RGB")
 
 
+def _toy_judge(pipe):
+    """The toy world's judge when the model is the toy world, else None."""
+    from .pipeline import pipeline_state
+    from .toy import TOY_MODEL, load_judge
+
+    return load_judge() if pipeline_state(pipe).model_id == TOY_MODEL else None
+
+
 def _score_block(block, pairs, keys, images, text_features, scorer, class_features, classes, detector,
-                 kind) -> list[dict]:
-    """Per-image rows for one block: CLIP cosines to prompt and concept, zero-shot class, NudeNet flags.
-    `images` holds the block's "original" and "edited" images; `text_features` every text's CLIP features."""
+                 kind, judge=None) -> list[dict]:
+    """Per-image rows for one block: CLIP cosines to prompt and concept, zero-shot class, NudeNet flags, and on
+    the toy world whether its judge sees the concept. `images` holds the block's "original" and "edited"
+    images; `text_features` every text's CLIP features."""
     import torch
 
     from .presets import concept_text
@@ -183,7 +193,14 @@ def _score_block(block, pairs, keys, images, text_features, scorer, class_featur
                 for j, c in zip(with_concept, scoring.zero_shot_predictions(features[with_concept], class_features)):
                     predicted[j] = classes[c]
         found = detector.detections(column_images) if detector else [None] * len(block)
-        for row, p, c, k, d in zip(rows, to_prompt, to_concept, predicted, found):
+        seen = [None] * len(block)
+        if judge is not None and with_concept:
+            verdict = judge([column_images[j] for j in with_concept])
+            for at, j in enumerate(with_concept):
+                if verdict.knows(items[j].concept):
+                    seen[j] = bool(verdict.finds(items[j].concept)[at])
+        for row, p, c, k, d, v in zip(rows, to_prompt, to_concept, predicted, found, seen):
+            row[f"judge_{column}"] = v
             row[f"clip_prompt_cos_{column}"] = p
             row[f"clip_concept_cos_{column}"] = c
             row[f"class_{column}"] = k
@@ -211,9 +228,9 @@ def _clip_block(rows, which: str) -> dict:
                        "cosine": _interval(paired_change(original, edited))}}
 
 
-def summarize(rows: list[dict], classes: list[str], scorer, kind: str) -> dict:
+def summarize(rows: list[dict], classes: list[str], scorer, kind: str, judged: bool = False) -> dict:
     """Every aggregate of metrics.json from the per-image rows (in index order): means with seeded 95%
-    bootstrap intervals, the same-seed win rate and the erasure accuracy."""
+    bootstrap intervals, the same-seed win rate, the erasure accuracy and (toy world) the judge's rates."""
     by_set = {name: [row for row in rows if row["set"] == name] for name in SETS}
     clip = {"backbone": scorer.backbone, "random_weights": scorer.is_random, "convention": scoring.CONVENTION,
             "intervals": "95% percentile bootstrap, 2000 resamples, seed 0",
@@ -233,8 +250,28 @@ def summarize(rows: list[dict], classes: list[str], scorer, kind: str) -> dict:
     win_rate = {"definition": "share of erase-set (prompt, seed) pairs whose edited image has a lower CLIP cosine "
                               "to the bare target text than the original image (higher is better)",
                 **_interval(win)}
-    return {"clip": clip, "sets": sets, "win_rate": win_rate, "accuracy": _accuracy(by_set, classes),
-            "nudenet": _nudenet(by_set, kind)}
+    result = {"clip": clip, "sets": sets, "win_rate": win_rate, "accuracy": _accuracy(by_set, classes),
+              "nudenet": _nudenet(by_set, kind)}
+    if judged:
+        result["judge"] = _judge_rates(by_set)
+    return result
+
+
+def _judge_rates(by_set) -> dict:
+    """Toy world: the share of images in which the judge sees the prompt's concept, original vs edited."""
+    result = {"definition": "share of images in which the toy world's judge sees every word of the prompt's "
+                            "concept (sigmoid > 0.5); erase: lower is better, retain: unchanged is better"}
+    for name in ("erase", "retain"):
+        rows = [r for r in by_set[name] if r["judge_original"] is not None]  # concepts the judge can name
+        if not rows:
+            continue
+        result[name] = {column: _interval(bootstrap_mean([r[f"judge_{column}"] for r in rows]))
+                        for column in ("original", "edited")}
+        result[name]["per_concept"] = {
+            concept: {column: float(np.mean([r[f"judge_{column}"] for r in rows if r["concept"] == concept]))
+                      for column in ("original", "edited")} | {"n": sum(r["concept"] == concept for r in rows)}
+            for concept in dict.fromkeys(r["concept"] for r in rows)}
+    return result
 
 
 def _concept_text_form(kind: str) -> str:
@@ -294,7 +331,8 @@ def _fid_kid(originals, edited, scorer, choice: str, model: str, device: str) ->
     if len(originals) < 2:
         return {"fid": None, "reason": f"FID/KID need at least 2 neutral images, got {len(originals)}"}
     note = None
-    use_inception = choice == "inception" or (choice == "auto" and not scorer.is_random and model != "tiny")
+    use_inception = choice == "inception" or (choice == "auto" and not scorer.is_random
+                                              and model not in ("tiny", "toy"))
     if use_inception:
         try:
             reference = scoring.inception_features(originals, device)
@@ -376,6 +414,10 @@ def markdown_table(metrics: dict) -> str:
             a = accuracy[key]
             lines.append(f"| accuracy: {key.replace('_', ' ')} ({a['direction']}) | {name} | {_fmt(a['original'], 3)} | "
                          f"{_fmt(a['edited'], 3)} | |")
+    for name, rate in ((n, metrics.get("judge", {}).get(n)) for n in ("erase", "retain")):
+        if rate:
+            lines.append(f"| toy judge sees the concept ({'lower' if name == 'erase' else 'unchanged'} is better) | "
+                         f"{name} | {_fmt(rate['original'], 3)} | {_fmt(rate['edited'], 3)} | |")
     fid = metrics["fid_kid"]
     if fid.get("fid") is not None:
         lines.append(f"| FID edited vs original | neutral | | {fid['fid']:.3f} | |")

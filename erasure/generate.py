@@ -64,15 +64,19 @@ RANDOM_MODEL_STEPS = 3  # random-weight models draw noise at any step count: kee
 
 
 def default_settings(pipe, **overrides) -> Settings:
-    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model); 3 steps on random-weight
-    models (the app's and `evaluate`'s defaults alike)."""
+    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model, 32 for the toy world); 3 steps
+    on random-weight models, the toy world's own sampler (the app's and `evaluate`'s defaults alike)."""
     from .pipeline import pipeline_state
     from .tiny import RANDOM_MODELS
+    from .toy import TOY_GUIDANCE, TOY_MODEL, TOY_SCHEDULER, TOY_STEPS
 
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     defaults = {"height": side, "width": side}
-    if pipeline_state(pipe).model_id in RANDOM_MODELS:
+    model_id = pipeline_state(pipe).model_id
+    if model_id in RANDOM_MODELS:
         defaults["steps"] = RANDOM_MODEL_STEPS
+    elif model_id == TOY_MODEL:
+        defaults.update(steps=TOY_STEPS, guidance=TOY_GUIDANCE, scheduler=TOY_SCHEDULER)
     return Settings(**{**defaults, **overrides}).check()
 
 

@@ -123,7 +123,8 @@ def default_device_and_dtype() -> tuple[str, torch.dtype]:
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a Stable Diffusion pipeline: a hub id, a local diffusers folder, a single .safetensors/.ckpt
-    file, or "tiny" (random weights, offline). CUDA + fp16 when available, else CPU + fp32."""
+    file, "toy" (the toy world's trained model, offline) or "tiny" (random weights, offline). CUDA + fp16 when
+    available, else CPU + fp32."""
     auto_device, auto_dtype = default_device_and_dtype()
     device = device or auto_device
     dtype = dtype or (auto_dtype if device.startswith("cuda") else torch.float32)
@@ -132,6 +133,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
 
     if model in RANDOM_MODELS:
         pipe = random_pipeline(model)
+    elif model == "toy":
+        from .toy import toy_pipeline
+
+        try:
+            pipe = toy_pipeline()
+        except (FileNotFoundError, RuntimeError) as error:
+            raise ModelLoadError(f"could not load the toy world: {error}") from None
     else:
         pipe = _load_pretrained(model, dtype)
     if pipe.unet.dtype != dtype:
@@ -157,7 +165,7 @@ def _load_pretrained(model: str, dtype: torch.dtype):
             return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         if model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise ModelLoadError(f"model {model!r} is neither a local folder/file nor a hub id like "
-                                 f"'{DEFAULT_MODEL}' (or 'tiny' for the offline random-weight model)")
+                                 f"'{DEFAULT_MODEL}' (or 'toy' / 'tiny' for the offline models)")
         return StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except ModelLoadError:
         raise
@@ -166,5 +174,5 @@ def _load_pretrained(model: str, dtype: torch.dtype):
         reason = textwrap.shorten(first_line, 400, placeholder=" …")  # whole words: it is shown to people
         raise ModelLoadError(
             f"could not load model {model!r} ({reason}). Check the network or that the model is in the "
-            f"Hugging Face cache (HF_HOME), pass a local diffusers folder or .safetensors file, or use 'tiny' for "
-            f"the offline random-weight model.") from None
+            f"Hugging Face cache (HF_HOME), pass a local diffusers folder or .safetensors file, or use 'toy' (the "
+            f"offline toy world) or 'tiny' (offline random weights).") from None

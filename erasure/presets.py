@@ -10,26 +10,32 @@ from functools import lru_cache
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-KINDS = ("object", "style", "celebrity", "nudity")
+KINDS = ("object", "style", "celebrity", "nudity", "toy-shape", "toy-colour", "toy-style")
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    kind: str  # object | style | celebrity | nudity: picks the prompt templates
+    kind: str  # one of KINDS: picks the prompt templates
     targets: tuple[str, ...]
     anchors: tuple[str, ...]
     retain: tuple[str, ...]
     source: str
     params: dict[str, dict] = field(default_factory=dict)  # method name -> the reference's setting
+    model: str | None = None  # "toy": made for the toy world; None: for real models
 
     def method_params(self, method: str) -> dict:
         return dict(self.params.get(method, {}))
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if p.stem != "templates")
+def presets(model: str | None = None) -> list[str]:
+    """Every preset's name; with `model`, those made for it: the toy world's on "toy", the others elsewhere."""
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.toml") if p.stem != "templates")
+    if model is None:
+        return names
+    world = "toy" if model == "toy" else None
+    return [name for name in names if load_preset(name).model == world]
 
 
 @lru_cache(maxsize=None)
@@ -47,7 +53,7 @@ def load_preset(name: str) -> Preset:
         targets = data["targets"]
     retain = _read_list(data["retain_file"]) if "retain_file" in data else data.get("retain", [])
     return Preset(name, data["description"], kind, tuple(targets), tuple(data["anchors"]), tuple(retain),
-                  data["source"], data.get("params", {}))
+                  data["source"], data.get("params", {}), data.get("model"))
 
 
 def _read_list(relative: str) -> list[str]:
@@ -71,8 +77,15 @@ def concept_text(kind: str, concept: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def neutral_prompts() -> tuple[str, ...]:
-    return tuple(_read_list("lists/neutral_prompts.txt"))
+def neutral_prompts(kind: str = "object") -> tuple[str, ...]:
+    """Prompts that name no concept of the set; the toy world's are its own captions."""
+    return tuple(_read_list("lists/toy_neutral_prompts.txt" if kind.startswith("toy-") else "lists/neutral_prompts.txt"))
+
+
+def names_any(prompt: str, concepts) -> bool:
+    """Whether the prompt contains one of the concepts as whole words ("a red circle" names "circle")."""
+    padded = f" {' '.join(prompt.lower().split())} "
+    return any(f" {' '.join(c.lower().split())} " in padded for c in concepts if c.strip())
 
 
 @dataclass(frozen=True)
@@ -103,5 +116,6 @@ def evaluation_prompts(kind: str, targets, retain, full: bool = False, retain_co
         pool = [c for i, c in enumerate(pool) if i in picked]
     items = [PromptItem("erase", c, form.format(c)) for c in targets for form in forms]
     items += [PromptItem("retain", c, form.format(c)) for c in pool for form in forms]
-    items += [PromptItem("neutral", "", prompt) for prompt in neutral_prompts()[:neutral_count]]
+    neutral = [prompt for prompt in neutral_prompts(kind) if not names_any(prompt, targets)]
+    items += [PromptItem("neutral", "", prompt) for prompt in neutral[:neutral_count]]
     return items

@@ -2,8 +2,9 @@
 
 CLIP score convention (stated in every output): score = 100 × max(cos(image, text), 0), the
 torchmetrics `CLIPScore` convention; the raw cosine is reported alongside. Default backbone: open_clip
-ViT-L-14 with `openai` weights. "tiny" is a random-weight open_clip model built from a config, for
-tests and the offline demo: its numbers mean nothing and are labelled so.
+ViT-L-14 with `openai` weights. "toy" is the toy world's CLIP (trained here on its captions, offline).
+"tiny" is a random-weight open_clip model built from a config, for tests: its numbers mean nothing and
+are labelled so.
 
 Also here: CLIP zero-shot classification (erasure accuracy), the NudeNet nudity rate, FID/KID
 (torchmetrics) and seeded bootstrap intervals. Every model is loaded once per process and reused.
@@ -109,11 +110,11 @@ _SCORERS_LOCK = threading.Lock()
 
 def load_clip_scorer(name: str = DEFAULT_CLIP[0], pretrained: str = DEFAULT_CLIP[1],
                      device: str | None = None) -> ClipScorer:
-    """A cached scorer: `name`/`pretrained` are open_clip's (e.g. "ViT-B-32", "openai"); "tiny" is offline."""
+    """A cached scorer: `name`/`pretrained` are open_clip's (e.g. "ViT-B-32", "openai"); "toy" and "tiny" are offline."""
     import open_clip
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (name, pretrained if name != "tiny" else None, device)
+    key = (name, pretrained if name not in ("tiny", "toy") else None, device)
     with _SCORERS_LOCK:
         if key in _SCORERS:
             return _SCORERS[key]
@@ -123,6 +124,14 @@ def load_clip_scorer(name: str = DEFAULT_CLIP[0], pretrained: str = DEFAULT_CLIP
             preprocess = open_clip.image_transform(TINY_CLIP["vision_cfg"]["image_size"], is_train=False)
             scorer = ClipScorer(model, preprocess, open_clip.get_tokenizer("ViT-B-32"),
                                 "tiny (random-weight demo)", device)
+        elif name == "toy":
+            from .toy import load_toy_clip
+
+            try:
+                model, preprocess, tokenizer = load_toy_clip()
+            except FileNotFoundError as error:
+                raise ScorerLoadError(str(error)) from None
+            scorer = ClipScorer(model, preprocess, tokenizer, "toy (trained on the toy world's captions)", device)
         else:
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)

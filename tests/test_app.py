@@ -282,11 +282,20 @@ def test_uploaded_edit_joins_the_session_and_bad_uploads_are_refused(pipe, serve
         fresh.predict(handle_file(str(foreign.save(tmp_path / "foreign.safetensors"))), api_name="/upload_edit")
 
 
-def test_unloadable_model_falls_back_to_the_tiny_model_with_a_plain_notice():
+def test_unloadable_model_falls_back_to_the_toy_world_with_a_plain_notice():
     pipe, scorer, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
-    assert pipeline_state(pipe).model_id == "tiny" and scorer.is_random
+    assert pipeline_state(pipe).model_id == "toy" and scorer.backbone.startswith("toy") and not scorer.is_random
     assert notice.startswith("could not load model 'nobody/not-a-cached-model'")
-    assert "offline random-weight `tiny` model instead" in notice
+    assert "offline toy world instead" in notice
+
+
+def test_without_a_gpu_and_a_model_the_app_starts_on_the_toy_world_and_says_so():
+    pipe, scorer, notice = app.load_models(None, device="cpu")
+    assert pipeline_state(pipe).model_id == "toy" and scorer.backbone.startswith("toy")
+    assert notice.startswith("No GPU found, so the app started on the toy world")
+    studio = app.Studio(pipe, scorer, notice=notice)
+    assert "toy world" in studio.banner() and notice in studio.banner()
+    assert studio.defaults.height == 32 and studio.defaults.scheduler == "ddim"
 
 
 def test_a_session_that_disconnects_stops_its_generation_and_frees_its_edits_at_once(pipe, server, monkeypatch,

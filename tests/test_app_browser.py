@@ -1,5 +1,5 @@
-"""The app in a real browser: `python app.py --model tiny` as a subprocess on 127.0.0.1, driven by
-Playwright with Debian's Chromium at 1400 px wide, the way a user clicks through it.
+"""The app in a real browser: `python app.py --model toy` (the toy world) as a subprocess on 127.0.0.1,
+driven by Playwright with Debian's Chromium at 1400 px wide, the way a user clicks through it.
 
 Each test saves its screenshots under a pytest tmp folder (the path is printed; `pytest -s` shows it).
 Set SCREENSHOT_TO=assets/screenshot.png to also refresh the README's screenshot.
@@ -76,7 +76,7 @@ def wait_until_serving(url: str, process: subprocess.Popen | None, log: Path | N
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """`python app.py --model tiny`, with Gradio's cache (where the app also keeps its downloads) in a tmp folder."""
+    """`python app.py --model toy`, with Gradio's cache (where the app also keeps its downloads) in a tmp folder."""
     port = free_port()
     folder = tmp_path_factory.mktemp("app")
     log, cache = folder / "app.log", folder / "gradio-cache"
@@ -84,7 +84,7 @@ def app(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(cache),
            "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny"], cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, "app.py", "--model", "toy"], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -131,11 +131,28 @@ def page(app, browser):
     page.close()
 
 
-def erase_snoopy(page):
-    page.fill("#targets textarea", "Snoopy")
-    page.fill("#retain textarea", "Mickey, Garfield")
+def erase_circle(page):
+    page.fill("#targets textarea", "circle")
+    page.fill("#anchors textarea", "shape")
+    page.fill("#retain textarea", "ring, square, triangle, star, heart, cross, diamond")
     page.click("#erase")
     page.wait_for_selector("#edit-report :text('modules changed')")
+
+
+def gallery_images(page, app, gallery: str) -> dict[str, "Image.Image"]:
+    """The images a gallery shows, by caption, fetched from the app the way the browser got them."""
+    import io
+
+    from PIL import Image
+
+    found = {}
+    for item in page.locator(f"#{gallery} button:has(img)").all():
+        source = item.locator("img").get_attribute("src")
+        caption = item.locator(".caption-label").inner_text()
+        url = source if source.startswith("http") else app.url.rstrip("/") + source
+        with urllib.request.urlopen(url, timeout=30) as response:
+            found[caption] = Image.open(io.BytesIO(response.read())).convert("RGB")
+    return found
 
 
 def set_target(page, target: str):
@@ -156,7 +173,7 @@ def header_texts(page, elem_id: str) -> list[str]:
     return [t.strip() for t in headers.all_inner_texts()]
 
 
-def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, shots):
+def test_user_erases_circle_and_sees_circles_only_in_the_original_column(app, page, shots):
     # Before any result, the tables name their columns (Gradio's default headers read "1 2 3").
     assert header_texts(page, "summary")[:7] == SUMMARY_HEADERS
     assert not page.is_enabled("#cancel")  # nothing runs yet
@@ -165,7 +182,7 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, sho
         assert page.locator(f"#{field}").evaluate(CLIPPED) == [], field
     page.screenshot(path=str(shots / "empty.png"), full_page=True)
 
-    erase_snoopy(page)
+    erase_circle(page)
     assert page.is_checked("#compared input[type=checkbox]")  # the new edit is a column to compare
     page.click("#layers-accordion >> text=Per-layer statistics")
     layer_cells = page.locator("#layers [role=gridcell][data-col='0']")
@@ -176,25 +193,37 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, sho
     assert page.locator("#layers").evaluate(CLIPPED) == []  # names and numbers fit: no scrolling to read them
     assert page.locator("#layers").evaluate(BROKEN_WORDS) == []
 
-    page.fill("#erase-prompts textarea", "a photo of Snoopy")
-    page.fill("#keep-prompts textarea", "a photo of Mickey")
+    page.fill("#erase-prompts textarea", "a red circle\na blue circle on a white background")
+    page.fill("#keep-prompts textarea", "a yellow ring\na green square")
     page.fill("#seeds textarea", "0, 1")
-    set_number(page, "steps", "2")
     page.click("#generate")
     page.wait_for_selector("#status :text('rows x')")
 
-    # 2 prompts x 2 seeds x (original | edited) = 8 images, each captioned with its two CLIP scores.
+    # 4 prompts x 2 seeds x (original | edited) = 16 images, each captioned with its two CLIP scores.
     images = page.locator("#erase-gallery img, #keep-gallery img")
-    assert images.count() == 8
+    assert images.count() == 16
     captions = page.locator("#erase-gallery .caption-label, #keep-gallery .caption-label").all_inner_texts()
-    assert len(captions) == 8 and all(CAPTION.search(c) for c in captions), captions
-    assert sum("Snoopy · seed" in c for c in captions) == 4 and sum("seed 1" in c for c in captions) == 4
-    # 64-px images: drawn crisp at 4x (256 px), not smoothed up to whatever width the cell has.
+    assert len(captions) == 16 and all(CAPTION.search(c) for c in captions), captions
+    assert sum("circle · seed" in c for c in captions) == 4 and sum("seed 1" in c for c in captions) == 8
+    # 32-px images: drawn crisp at 8x (256 px), not smoothed up to whatever width the cell has.
     for image in images.all():
         image.scroll_into_view_if_needed()  # the gallery loads images lazily
         size = image.evaluate("async e => { await e.decode(); return [e.naturalWidth, "
                               "e.getBoundingClientRect().width, getComputedStyle(e).imageRendering] }")
-        assert size[0] == 64 and abs(size[1] - 256) < 1 and size[2] == "pixelated", size
+        assert size[0] == 32 and abs(size[1] - 256) < 1 and size[2] == "pixelated", size
+
+    # What the page shows, read by the toy world's judge: circles in the original column only, and the
+    # kept shapes in both.
+    from erasure.toy import load_judge
+
+    judge = load_judge()
+    for gallery, concept, erased in (("erase-gallery", "circle", True), ("keep-gallery", None, False)):
+        shown = gallery_images(page, app, gallery)
+        assert len(shown) == 8, list(shown)
+        for caption, image in shown.items():
+            column, prompt = caption.split(" · ")[:2]
+            seen = judge([image]).finds(concept or prompt.split()[-1])[0]
+            assert seen == (column == "original" or not erased), caption
 
     summary = page.locator("#summary [role=row]:has([role=gridcell])")
     assert summary.count() == 4  # (should be erased | should be kept) x (original | edited)
@@ -214,7 +243,7 @@ def test_user_erases_generates_and_sees_a_scored_two_by_two_comparison(page, sho
     assert all(abs(b["y"] - boxes[0]["y"]) < 1 for b in boxes)  # one level line, not rotated
     assert all(a["x"] + a["width"] < b["x"] for a, b in zip(boxes, boxes[1:]))  # none overlaps the next
     legend = page.locator("#plot .role-legend-label text").all_text_contents()
-    assert legend == ["original", "#1 SPEED: Snoopy"]
+    assert legend == ["original", "#1 SPEED: circle"]
     plot_box = page.locator("#plot").bounding_box()
     for item in page.locator("#plot .role-legend-label text").all():  # the legend is inside the plot's frame
         assert item.bounding_box()["y"] + item.bounding_box()["height"] <= plot_box["y"] + plot_box["height"]
@@ -265,8 +294,9 @@ def test_cancel_is_live_only_while_a_generation_runs(page, shots):
     set_target(page, "clock")
     page.fill("#erase-prompts textarea", "a photo of a slow clock\na photo of a slower clock")
     page.fill("#keep-prompts textarea", "")
-    page.fill("#seeds textarea", "0")
+    page.fill("#seeds textarea", "0, 1, 2, 3")
     set_number(page, "steps", "50")
+    set_number(page, "size", "128")  # the toy world's native 32 px would be done before the click
     assert not page.is_enabled("#cancel")
     page.click("#generate")
     page.wait_for_selector("#cancel:enabled", timeout=30_000)
