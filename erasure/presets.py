@@ -79,7 +79,8 @@ def concept_text(kind: str, concept: str) -> str:
 @lru_cache(maxsize=None)
 def neutral_prompts(kind: str = "object") -> tuple[str, ...]:
     """Prompts that name no concept of the set; the toy world's are its own captions."""
-    return tuple(_read_list("lists/toy_neutral_prompts.txt" if kind.startswith("toy-") else "lists/neutral_prompts.txt"))
+    name = "toy_neutral_prompts" if kind.startswith("toy-") else "neutral_prompts"
+    return tuple(_read_list(f"lists/{name}.txt"))
 
 
 def names_any(prompt: str, concepts) -> bool:

@@ -110,7 +110,8 @@ _SCORERS_LOCK = threading.Lock()
 
 def load_clip_scorer(name: str = DEFAULT_CLIP[0], pretrained: str = DEFAULT_CLIP[1],
                      device: str | None = None) -> ClipScorer:
-    """A cached scorer: `name`/`pretrained` are open_clip's (e.g. "ViT-B-32", "openai"); "toy" and "tiny" are offline."""
+    """A cached scorer: `name`/`pretrained` are open_clip's (e.g. "ViT-B-32", "openai"); "toy" and "tiny" are
+    offline."""
     import open_clip
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -53,10 +53,12 @@ class ConceptRate:
 
 
 def concept_rates(pipe, edit, erased: Sequence[str], kept: Sequence[str], kind: str, seeds: Sequence[int],
-                  templates: int = 4, settings: Settings | None = None,
-                  cache: OriginalCache | None = None) -> list[ConceptRate]:
+                  templates: int = 4, settings: Settings | None = None, cache: OriginalCache | None = None,
+                  erased_seeds: Sequence[int] | None = None) -> list[ConceptRate]:
     """Per concept: the share of same-seed original and edited images the judge sees it in, over the
-    kind's first `templates` prompt templates × `seeds`. Original images come from `cache` when it has them."""
+    kind's first `templates` prompt templates × `seeds` (`erased_seeds` for the erased concepts, if given:
+    an anchor such as "shape" draws the target itself 1 time in 8, so its rate needs more images to be
+    told from 20%). Original images come from `cache` when it has them."""
     settings = settings or default_settings(pipe)
     cache = cache or OriginalCache()
     forms = prompt_templates(kind, full=True)[:templates]
@@ -65,8 +67,9 @@ def concept_rates(pipe, edit, erased: Sequence[str], kept: Sequence[str], kind: 
     for role, concepts in (("erased", erased), ("kept", kept)):
         for concept in concepts:
             prompts = [form.format(concept) for form in forms]
-            before, _ = originals(pipe, prompts, seeds, settings, cache)
-            after = generate_images(pipe, prompts, seeds, settings, edit)
+            these = erased_seeds if role == "erased" and erased_seeds is not None else seeds
+            before, _ = originals(pipe, prompts, these, settings, cache)
+            after = generate_images(pipe, prompts, these, settings, edit)
             change = np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255
                               for a, b in zip(before, after)])
             rates.append(ConceptRate(concept, role, float(judge(before).finds(concept).mean()),
@@ -76,6 +79,8 @@ def concept_rates(pipe, edit, erased: Sequence[str], kept: Sequence[str], kind: 
 
 
 def preset_rates(pipe, edit, preset: str, seeds: Sequence[int], templates: int = 4,
-                 cache: OriginalCache | None = None) -> list[ConceptRate]:
+                 cache: OriginalCache | None = None, erased_seeds: Sequence[int] | None = None,
+                 settings: Settings | None = None) -> list[ConceptRate]:
     spec = load_preset(preset)
-    return concept_rates(pipe, edit, spec.targets, spec.retain, spec.kind, seeds, templates, cache=cache)
+    return concept_rates(pipe, edit, spec.targets, spec.retain, spec.kind, seeds, templates, settings, cache,
+                         erased_seeds)

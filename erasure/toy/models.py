@@ -56,6 +56,11 @@ def world_token_ids() -> list[int]:
 
 
 def build_text_encoder(seed: int = 0):
+    """A random CLIP text encoder whose self-attention outputs are zero, so each token's row depends on that
+    token and its position only. With SD's mixing encoder a concept also lives in the rows after it (the
+    padding rows attend back to it), and the small UNet learned to read it there: UCE and SPEED, which edit
+    a concept's own token row, left "circle" in half the images. The toy world keeps each concept in its
+    own row; what leaks through the rows after a concept is a question for the real model."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -63,6 +68,10 @@ def build_text_encoder(seed: int = 0):
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(
             seeded_token_table(TOY_TEXT["vocab_size"], TOY_TEXT["hidden_size"]))
+        for module in model.modules():
+            if type(module).__name__ == "CLIPAttention":
+                module.out_proj.weight.zero_()
+                module.out_proj.bias.zero_()
     return model.eval().requires_grad_(False)
 
 
@@ -106,16 +115,18 @@ class Judge(nn.Module):
     """A small CNN that names what a 32×32 image shows: which shapes, colours and styles are present
     (independent sigmoids: a scene can hold two things) and the background (softmax)."""
 
-    def __init__(self, width: int = 48):
+    def __init__(self, width: int = 32):
         super().__init__()
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.MaxPool2d(2))
 
-        self.features = nn.Sequential(block(3, width), nn.MaxPool2d(2), block(width, 2 * width), nn.MaxPool2d(2),
-                                      block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({name: nn.Linear(2 * width, len(labels)) for name, labels in JUDGE_HEADS.items()})
+        # Flattened 4×4 features, not a global average: where parts sit relative to each other is the shape.
+        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
+                                      nn.Flatten(), nn.Linear(16 * 4 * width, 256), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(labels)) for name, labels in JUDGE_HEADS.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: [n, 3, 32, 32] in [-1, 1] -> logits per head."""

@@ -3,8 +3,8 @@
 Stages, in order (each reads what the previous ones wrote to --out):
   vae    a small AutoencoderKL on rendered scenes (32×32 RGB -> 16×16×4 latents)
   unet   the text-conditioned UNet on cached latents and cached embeddings of a frozen random CLIP text
-         encoder, ε-prediction on SD-1's noise schedule, 10% caption dropout for classifier-free guidance,
-         EMA weights
+         encoder, ε-prediction on SD-1's noise schedule with offset noise, 10% caption dropout for
+         classifier-free guidance, EMA weights
   judge  a CNN naming shapes, colours, styles and background, trained on rendered ground truth
   clip   an open_clip CLIP trained contrastively on the world's captions
 Seeded throughout. `--quick` trains every stage for a few steps (the test of the script).
@@ -25,9 +25,13 @@ import torch.nn.functional as F
 
 from . import models, world
 
-DEFAULTS = dict(scenes=24000, vae_steps=800, unet_steps=4000, judge_steps=800, clip_steps=1500)
+DEFAULTS = dict(scenes=24000, vae_steps=800, unet_steps=4000, judge_steps=1500, clip_steps=1000)
 QUICK = dict(scenes=512, vae_steps=20, unet_steps=40, judge_steps=20, clip_steps=20)
 CAPTION_DROPOUT = 0.1
+# Offset noise (a per-image, per-channel constant added to ε while training): without it, the colour of an
+# image follows the mean of its initial noise, which SD-1's schedule never fully removes, and "a red
+# circle" came out purple for some seeds (colour judged right in 82% of images; shapes in 100%).
+OFFSET_NOISE = 0.1
 
 
 def log(stage: str, message: str) -> None:
@@ -111,7 +115,8 @@ def train_unet(latents: torch.Tensor, caption_ids: torch.Tensor, embeddings: tor
         conditions = caption_ids[index]
         dropped = torch.rand(64, generator=generator) < CAPTION_DROPOUT
         conditions = torch.where(dropped, torch.full_like(conditions, empty), conditions)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise = (torch.randn(x0.shape, generator=generator)
+                 + OFFSET_NOISE * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=generator)).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (64,), generator=generator).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -244,7 +249,6 @@ def train(out: Path, stages, sizes: dict, seed: int = 0, device: str = "cpu", re
     out.mkdir(parents=True, exist_ok=True)
     card = models.read_card(out) or {"stages": {}}
     card.update(seed=seed, sizes=sizes)
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     started = time.time()
     scenes, pixels = dataset(sizes["scenes"], seed)
@@ -258,9 +262,13 @@ def train(out: Path, stages, sizes: dict, seed: int = 0, device: str = "cpu", re
                                      last_loss=float(np.mean(losses[-window:])), device=device, **extra)
         (out / "toy.json").write_text(json.dumps(card, indent=2), "utf-8")
 
+    def generator(stage: str) -> torch.Generator:
+        # One generator per stage: a stage draws the same batches whether it runs alone or after others.
+        return torch.Generator().manual_seed(seed * 1000 + ["vae", "unet", "judge", "clip"].index(stage))
+
     if "vae" in stages:
         began = time.time()
-        vae, losses = train_vae(images, sizes["vae_steps"], device, generator)
+        vae, losses = train_vae(images, sizes["vae_steps"], device, generator("vae"))
         latents = encode_latents(vae, images, device)
         vae.register_to_config(scaling_factor=float(1 / latents.std()))
         models.save_weights(vae, out / "vae.safetensors")
@@ -282,20 +290,22 @@ def train(out: Path, stages, sizes: dict, seed: int = 0, device: str = "cpu", re
         earlier = previous.get("steps", 0) + previous.get("steps_before", 0)
 
         def checkpoint(ema, losses):
-            models.save_weights(ema, out / "unet.safetensors")
+            # fp16 on disk (loaded as fp32): the UNet is most of the weights' size budget.
+            models.save_weights(ema, out / "unet.safetensors", dtype=torch.float16)
             record("unet", losses, began, steps_before=earlier)
 
-        ema, losses = train_unet(latents, caption_ids, embeddings, index[""], sizes["unet_steps"], device, generator,
-                                 checkpoint=checkpoint, start=out / "unet.safetensors" if resume else None)
+        ema, losses = train_unet(latents, caption_ids, embeddings, index[""], sizes["unet_steps"], device,
+                                 generator("unet"), checkpoint=checkpoint,
+                                 start=out / "unet.safetensors" if resume else None)
         checkpoint(ema, losses)
     if "judge" in stages:
         began = time.time()
-        judge, losses = train_judge(scenes, images, sizes["judge_steps"], device, generator)
+        judge, losses = train_judge(scenes, images, sizes["judge_steps"], device, generator("judge"))
         models.save_weights(judge, out / "judge.safetensors")
         record("judge", losses, began)
     if "clip" in stages:
         began = time.time()
-        clip, losses = train_clip([s.caption for s in scenes], images, sizes["clip_steps"], device, generator)
+        clip, losses = train_clip([s.caption for s in scenes], images, sizes["clip_steps"], device, generator("clip"))
         models.save_weights(clip, out / "clip.safetensors", keep_rows={"token_embedding.weight": clip_token_ids(clip)})
         record("clip", losses, began)
     log("done", f"{time.time() - started:.0f} s; weights in {out}")
