@@ -55,23 +55,36 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_lr(optimiser, step: int, steps: int, peak: float, warmup: int) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = lr_at(step, steps, peak, warmup=min(warmup, steps // 4 + 1))
+
+
+def optimise(stage: str, optimiser, loss, step: int, steps: int, losses: list, clip_parameters=None,
+             log_every: int = 100, digits: int = 4) -> None:
+    """One optimiser step on `loss` (gradient norm clipped to 1 over `clip_parameters` if given); the loss is
+    recorded and its running mean logged every `log_every` steps."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_parameters is not None:
+        torch.nn.utils.clip_grad_norm_(clip_parameters, 1.0)
+    optimiser.step()
+    losses.append(loss.item())
+    if step % log_every == 0 or step == steps - 1:
+        log(stage, f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.{digits}f}")
+
+
 def train_vae(images: torch.Tensor, steps: int, device: str, generator: torch.Generator) -> tuple[object, list]:
     vae = models.build_vae().to(device).train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     losses = []
     for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, warmup=min(50, steps // 4 + 1))
+        set_lr(optimiser, step, steps, 1e-3, warmup=50)
         batch = images[torch.randint(len(images), (32,), generator=generator)].to(device)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=None)).sample
         loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log("vae", f"step {step + 1}/{steps} loss {np.mean(losses[-100:]):.5f}")
+        optimise("vae", optimiser, loss, step, steps, losses, digits=5)
     return vae.eval(), losses
 
 
@@ -108,8 +121,7 @@ def train_unet(latents: torch.Tensor, caption_ids: torch.Tensor, embeddings: tor
     embeddings, latents = embeddings.to(device), latents.to(device)
     losses = []
     for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, 5e-4, warmup=min(200, steps // 4 + 1))
+        set_lr(optimiser, step, steps, 5e-4, warmup=200)
         index = torch.randint(len(latents), (64,), generator=generator)
         x0 = latents[index.to(device)]
         conditions = caption_ids[index]
@@ -122,17 +134,12 @@ def train_unet(latents: torch.Tensor, caption_ids: torch.Tensor, embeddings: tor
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         prediction = unet(noisy, t, embeddings[conditions.to(device)]).sample
         loss = F.mse_loss(prediction, noise)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimiser.step()
+        optimise("unet", optimiser, loss, step, steps, losses, clip_parameters=unet.parameters(),
+                 log_every=log_every)
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            log("unet", f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}")
         if checkpoint and (step + 1) % 500 == 0:
             checkpoint(ema, losses)
     return ema, losses
@@ -167,18 +174,12 @@ def train_judge(scenes, images: torch.Tensor, steps: int, device: str, generator
     targets = judge_targets(scenes)
     losses = []
     for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, 2e-3, warmup=min(50, steps // 4 + 1))
+        set_lr(optimiser, step, steps, 2e-3, warmup=50)
         index = torch.randint(len(images), (128,), generator=generator)
         logits = judge(augment(images[index], generator).to(device))
         loss = sum(F.cross_entropy(logits[h], targets[h][index].to(device)) if h == "background" else
                    F.binary_cross_entropy_with_logits(logits[h], targets[h][index].to(device)) for h in logits)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log("judge", f"step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f}")
+        optimise("judge", optimiser, loss, step, steps, losses)
     return judge.eval(), losses
 
 
@@ -198,8 +199,7 @@ def train_clip(captions: list[str], images: torch.Tensor, steps: int, device: st
                                   lr=1e-3)
     losses = []
     for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, warmup=min(100, steps // 4 + 1))
+        set_lr(optimiser, step, steps, 1e-3, warmup=100)
         index = torch.randint(len(images), (128,), generator=generator)
         image = F.normalize(model.encode_image(augment(pixels[index], generator).to(device)), dim=-1)
         text = F.normalize(model.encode_text(tokens[index].to(device)), dim=-1)
@@ -209,14 +209,9 @@ def train_clip(captions: list[str], images: torch.Tensor, steps: int, device: st
                             dtype=torch.float32, device=device)
         same = same / same.sum(dim=1, keepdim=True)
         loss = (F.cross_entropy(logits, same) + F.cross_entropy(logits.T, same)) / 2
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+        optimise("clip", optimiser, loss, step, steps, losses)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log("clip", f"step {step + 1}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return model.eval(), losses
 
 
