@@ -266,7 +266,11 @@ class Studio:
     def _new_file(self, stem: str, suffix: str) -> Path:
         now = time.time()
         for old in self.files.iterdir():
-            if now - old.stat().st_mtime > FILE_LIFETIME_S:
+            try:  # another session's save may rename its temporary file away between listing and stat
+                expired = now - old.stat().st_mtime > FILE_LIFETIME_S
+            except FileNotFoundError:
+                continue
+            if expired:
                 old.unlink(missing_ok=True)
         return self.files / f"{stem}-{secrets.token_hex(4)}{suffix}"
 
