@@ -12,6 +12,7 @@ from .edit import Edit, EditFileError, EditMismatchError, Patch
 from .methods import METHODS, get_method
 from .pipeline import DEFAULT_MODEL, ModelLoadError, load_pipeline
 from .presets import Preset, load_preset, presets
+from .training import TrainingCancelled
 
 
 def methods():
@@ -21,4 +22,4 @@ def methods():
 
 __all__ = ["DEFAULT_MODEL", "Edit", "EditFileError", "EditMismatchError", "ModelLoadError", "Patch", "Preset",
            "applied", "check_applicable", "erase", "get_method", "load_pipeline", "load_preset", "methods", "presets",
-           "restore", "write_edit"]
+           "restore", "TrainingCancelled", "write_edit"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,16 +18,21 @@ from .limits import MAX_TARGETS
 from .methods import ConceptRows, get_method
 from .pipeline import PipelineState, fingerprint, original_parameter, original_weight, pipeline_state
 from .text import encode_texts, validate_concepts
+from .training import TrainingJob
 
 STATS_ROWS = 128  # retain rows the per-layer drift is averaged over: a report, not a guarantee, so keep it cheap
 
 
 def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("",), retain: Sequence[str] = (),
-          *, max_concepts: int = MAX_TARGETS, progress: bool = False, **params) -> Edit:
+          *, max_concepts: int = MAX_TARGETS, progress: bool = False,
+          on_step: Callable[[int, int, float], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          **params) -> Edit:
     """Compute an edit erasing `targets` (mapped onto `anchors`) while keeping `retain`.
 
     The pipeline is only read: its weights are untouched until the edit is `applied`. `progress`
-    shows a bar while many concepts are encoded.
+    shows a bar while many concepts are encoded, or while a trained method trains (with its loss).
+    Trained methods report `on_step(done, total, loss)` and stop with `TrainingCancelled` when
+    `should_stop()` turns true.
     """
     spec = get_method(method)
     parsed = spec.parse_params(params)
@@ -36,6 +41,8 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     if not spec.uses_retain and concepts.retain:
         warnings.warn(f"{spec.name} uses no retain concepts; the {len(concepts.retain)} given are ignored")
         concepts = dataclasses.replace(concepts, retain=())
+    if spec.trains:
+        return _train(pipe, spec, parsed, concepts, progress, on_step, should_stop)
 
     start = time.perf_counter()
     rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))
@@ -64,6 +71,30 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     edit.stats = {"encode_seconds": encoded - start, "solve_seconds": solved - encoded,
                   "layers": layer_stats(state, edit, rows)}
     return edit
+
+
+def _train(pipe, spec, parsed, concepts, progress: bool, on_step, should_stop) -> Edit:
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=f"training {spec.name}", unit="step", disable=not progress) as bar:
+        def report(done, total, loss):
+            bar.total = total
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            bar.update(done - bar.n)
+            if on_step:
+                on_step(done, total, loss)
+
+        start = time.perf_counter()
+        job = TrainingJob.for_pipeline(pipe, report, should_stop)
+        copied = time.perf_counter()
+        patches, stats = spec.train(job, concepts, parsed)
+        del job  # the private copy of the denoiser goes before the edit is built
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    trained = time.perf_counter()
+    params = {k: getattr(parsed, k) for k in spec.schema()}
+    return edit_from_patches(pipe, spec.name, params, patches, concepts,
+                             {**stats, "copy_seconds": copied - start, "train_seconds": trained - copied})
 
 
 def layer_stats(state: PipelineState, edit: Edit, rows: ConceptRows | None = None) -> dict[str, dict[str, float]]:

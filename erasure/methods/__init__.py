@@ -1,8 +1,14 @@
-"""The method registry: name -> Method (summary, parameter schema with defaults, row preparation, solve).
+"""The method registry: name -> Method (summary, parameter schema with defaults, and how it computes).
 
-A method never touches the pipeline. `prepare` turns concept texts into token rows through an encoder
-callable (the token conventions are the method's own), `solve` maps original weights and rows to new
-weights. Both are plain functions; the app's dropdown, the CLI's choices and the tests read `METHODS`.
+A method never touches the pipeline. There are two kinds:
+
+- closed forms (`solve`): `prepare` turns concept texts into token rows through an encoder callable (the
+  token conventions are the method's own), `solve` maps original weights and rows to new weights;
+- trained methods (`train`): `train(job, concepts, params)` optimises its own copy of the parameters it
+  changes against a private, frozen copy of the denoiser (`training.TrainingJob`), reports progress and
+  checks for cancellation through the job, and returns patches.
+
+All are plain functions; the app's dropdown, the CLI's choices and the tests read `METHODS`.
 """
 
 from __future__ import annotations
@@ -34,10 +40,20 @@ class Method:
     summary: str
     paper: str
     params: type  # a frozen dataclass whose fields are the parameters (defaults = the paper's)
-    prepare: Callable  # (Concepts, params, Encoder) -> ConceptRows
-    solve: Callable  # (weights: {name: W float64}, ConceptRows, params) -> {name: W' float64}
     edits: Callable[[Any], tuple[str, ...]]  # params -> module suffixes it rewrites, e.g. ("attn2.to_v",)
+    prepare: Callable | None = None  # closed forms: (Concepts, params, Encoder) -> ConceptRows
+    solve: Callable | None = None  # closed forms: (weights: {name: W float64}, ConceptRows, params) -> {name: W'}
+    train: Callable | None = None  # trained: (TrainingJob, Concepts, params) -> ({key: Patch}, stats)
     uses_retain: bool = True  # False: retain concepts are ignored (and not recorded in the edit)
+
+    def __post_init__(self):
+        if (self.train is None) == (self.solve is None or self.prepare is None):
+            raise ValueError(f"method {self.name!r} needs either prepare and solve (a closed form) or train")
+
+    @property
+    def trains(self) -> bool:
+        """True for methods that optimise (seconds to minutes, with progress and cancel), False for closed forms."""
+        return self.train is not None
 
     def schema(self) -> dict[str, dict]:
         """name -> {default, type, help, choices?, min?, max?}: what the app's Advanced panel is built from."""
@@ -131,4 +147,4 @@ def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) 
     return ConceptRows(per_concept[:n], per_concept[n:], retain, null)
 
 
-from . import scapre, speed, uce  # noqa: E402,F401  (registers the built-in methods)
+from . import esd, minimalist, scapre, speed, uce  # noqa: E402,F401  (registers the built-in methods)

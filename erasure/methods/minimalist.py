@@ -1,0 +1,220 @@
+"""Minimalist concept erasure: learned binary neuron masks (Zhang et al., ICML 2025), for SD 1.x.
+
+One learnable logit λ per unit; while training, masks are hard-concrete samples
+m = clamp(1.2 σ((λ + L)/τ) − 0.1, 0, 1) with seeded logistic noise L narrowed as in the reference; at the
+end a unit is kept when λ > 0, so the edit holds exact 0/1 masks. Units (`units`):
+
+- `v`: every output unit of the cross-attention value projections `attn2.to_v` (the value channels through
+  which the text reaches the image), stored as output masks;
+- `ff`: every hidden neuron of the transformer blocks' feed-forward layers, i.e. every output unit of the
+  GEGLU, stored as an input mask of `ff.net.2` (the linear the neuron feeds; identical for 0/1 masks).
+
+The reference's SD path hooks every Linear; we mask only these two, which carry the text condition and
+the concept-specific neurons the paper reports, and keep every other path intact.
+
+Targets by anchor substitution: for each prompt template and target, the frozen model's final latent of a
+short K-step DDIM trajectory for the prompt with the target replaced by its anchor; retain prompts target
+their own frozen latent, weighted by β (β > 0: with β = 0, as in the reference's SDXL config, retain prompts
+give no gradient). The loss is on the final latent, back-propagated one denoising step at a time: the K
+latents are stored without grad, then each step is recomputed with grad from the last to the first, so
+memory stays at one UNet step; the same mask draw is used in the forward and in every recompute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..presets import KINDS, prompt_templates
+from . import Method, param, register
+
+TEMPERATURE = 2 / 3
+NOISE_EPS = 0.5  # u + 0.5 and 1.5 - u: logistic noise in about ±1.1 (the reference's masking_eps)
+SEED_BASE = 10_000  # training noise seeds start here: never the app's or the tests' seeds 0, 1, 2, ...
+MODULES = {"v": ("attn2.to_v",), "ff": ("ff.net.2",), "ff+v": ("attn2.to_v", "ff.net.2")}
+
+
+@dataclass(frozen=True)
+class MinimalistParams:
+    iterations: int = param(60, "optimiser steps (one concept and one retain sample each)", min=1, max=5000)
+    lr: float = param(0.2, "AdamW learning rate of the mask logits", min=0.0, max=100.0)
+    init: float = param(2.0, "initial logit λ of every unit (σ(2) = 0.88: every unit starts on)", min=-20.0,
+                        max=20.0)
+    beta: float = param(1.0, "β, weight of the retain reconstruction loss (> 0)", min=1e-6, max=1000.0)
+    steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=1, max=50)
+    units: str = param("ff+v", "which units get masks: FF neurons, cross-attention value channels, or both",
+                       choices=list(MODULES))
+    kind: str = param("object", "prompt templates the concepts are written into (a preset's kind)",
+                      choices=list(KINDS))
+    templates: int = param(4, "prompt templates per concept", min=1, max=50)
+    size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on SD-1.x)",
+                      min=0, max=2048)
+    seed: int = param(0, "seeds the noise of every sample and the mask draws: same seed, bitwise same edit", min=0)
+
+
+@dataclass
+class Samples:
+    """Training prompts with their initial noise and the frozen model's final latent to reach."""
+    conditioning: torch.Tensor  # [n, 77, d]
+    noise: torch.Tensor  # [n, c, h, w]
+    goal: torch.Tensor  # [n, c, h, w]
+    retain: torch.Tensor  # [n] bool: a retain sample (β-weighted) or a concept sample
+
+
+def unit_names(job, units: str) -> list[str]:
+    return [name for name, module in job.unet.named_modules()
+            if name.endswith(MODULES[units]) and isinstance(module, torch.nn.Linear)]
+
+
+def unit_count(job, name: str) -> int:
+    weight = job.base(f"{name}.weight")
+    return weight.shape[1] if name.endswith("ff.net.2") else weight.shape[0]
+
+
+def masked_overrides(job, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks as parameter overrides: value channels scale their weight's rows and bias, FF neurons their
+    column of ff.net.2, exactly as the edit's output/input masks are applied."""
+    overrides = {}
+    for name, mask in masks.items():
+        weight = job.base(f"{name}.weight").float()
+        if name.endswith("ff.net.2"):
+            overrides[f"{name}.weight"] = weight * mask[None, :]
+            continue
+        overrides[f"{name}.weight"] = weight * mask[:, None]
+        bias = job.unet.get_submodule(name).bias
+        if bias is not None:
+            overrides[f"{name}.bias"] = bias.detach().float() * mask
+    return overrides
+
+
+def hard_concrete(logits: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, logit in logits.items():
+        u = torch.rand(logit.shape, generator=generator).to(logit.device)
+        noise = torch.log(u + NOISE_EPS) - torch.log(1 + NOISE_EPS - u)
+        out[name] = (1.2 * torch.sigmoid((logit + noise) / TEMPERATURE) - 0.1).clamp(0, 1)
+    return out
+
+
+def trajectory(job, samples: Samples, index, overrides, steps: int, keep: bool = False):
+    """The final latent of the K-step guided DDIM trajectory (and, with `keep`, every latent before each step)."""
+    x = samples.noise[index]
+    conditioning = samples.conditioning[index]
+    empty = job.encode([""])
+    kept = []
+    for t, previous in job.ddim_timesteps(steps):
+        kept.append(x)
+        x = job.ddim_step(x, job.guided(x, t, conditioning, empty, job.guidance, overrides), t, previous)
+    return (x, kept) if keep else x
+
+
+@torch.no_grad()
+def build_samples(job, concepts, params: MinimalistParams) -> Samples:
+    forms = prompt_templates(params.kind, full=True)[: params.templates]
+    pairs = [(form.format(target), form.format(anchor).strip(), False)
+             for target, anchor in zip(concepts.targets, concepts.anchors) for form in forms]
+    pairs += [(form.format(kept), form.format(kept), True) for kept in concepts.retain for form in forms]
+    seeds = [SEED_BASE + params.seed * 100_003 + i for i in range(len(pairs))]
+    noise = job.noise(seeds, params.size)
+    prompts = job.encode([p for p, _, _ in pairs])
+    goal_prompts = job.encode([g for _, g, _ in pairs])
+    goals = torch.cat([trajectory(job, Samples(goal_prompts[i:i + 8], noise[i:i + 8], noise[i:i + 8], None),
+                                  slice(None), None, params.steps) for i in range(0, len(pairs), 8)])
+    return Samples(prompts, noise, goals, torch.tensor([r for _, _, r in pairs]))
+
+
+def sample_losses(job, samples: Samples, masks: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """Per sample: the mean squared error of the masked model's final latent to its goal (no grad)."""
+    with torch.no_grad():
+        overrides = masked_overrides(job, masks)
+        out = []
+        for i in range(0, len(samples.noise), 8):
+            index = slice(i, i + 8)
+            final = trajectory(job, samples, index, overrides, steps)
+            out.append(((final - samples.goal[index]) ** 2).flatten(1).mean(1))
+        return torch.cat(out)
+
+
+def train_minimalist(job, concepts, params: MinimalistParams):
+    from ..edit import Patch  # edit.py reads the registry: import on use
+
+    samples = build_samples(job, concepts, params)
+    names = unit_names(job, params.units)
+    logits = {name: torch.full((unit_count(job, name),), float(params.init), device=job.device, requires_grad=True)
+              for name in names}
+    optimiser = torch.optim.AdamW(logits.values(), lr=params.lr)
+    generator = torch.Generator().manual_seed(params.seed)
+    concept_index = torch.nonzero(~samples.retain).flatten()
+    retain_index = torch.nonzero(samples.retain).flatten()
+    losses = []
+    for step in range(params.iterations):
+        index = [int(concept_index[step % len(concept_index)])]
+        weights = [1.0]
+        if len(retain_index):
+            index.append(int(retain_index[step % len(retain_index)]))
+            weights.append(params.beta)
+        index = torch.tensor(index, device=job.device)
+        masks = hard_concrete(logits, generator)
+        loss = unrolled_step(job, samples, index, torch.tensor(weights, device=job.device), logits, masks,
+                             params.steps)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        losses.append(loss)
+        job.report(step + 1, params.iterations, loss)
+    binary = {name: (logit.detach() > 0).float() for name, logit in logits.items()}
+    ones = {name: torch.ones_like(mask) for name, mask in binary.items()}
+    before, after = sample_losses(job, samples, ones, params.steps), sample_losses(job, samples, binary, params.steps)
+    retain_scale = (samples.goal[samples.retain] ** 2).flatten(1).mean(1) if len(retain_index) else None
+    units = sum(len(m) for m in binary.values())
+    stats = {"sparsity": float(sum(float((m == 0).sum()) for m in binary.values()) / units), "units": units,
+             "units_off": int(sum(int((m == 0).sum()) for m in binary.values())),
+             "concept_loss_all_on": float(before[~samples.retain].mean()),
+             "concept_loss": float(after[~samples.retain].mean()),
+             "retain_relative_error": (float((after[samples.retain] / retain_scale).mean())
+                                       if retain_scale is not None else 0.0),
+             "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:])}
+    # An all-ones mask changes nothing: leave it out of the edit.
+    patches = {f"{name}.{mask_kind(name)}": Patch(mask_kind(name), mask.cpu())
+               for name, mask in binary.items() if bool((mask == 0).any())}
+    return patches, stats
+
+
+def mask_kind(name: str) -> str:
+    return "input_mask" if name.endswith("ff.net.2") else "output_mask"
+
+
+def unrolled_step(job, samples: Samples, index, weights, logits, masks, steps: int) -> float:
+    """Loss on the final latent, gradient into the logits step by step (one UNet step of memory)."""
+    with torch.no_grad():
+        final, latents = trajectory(job, samples, index, masked_overrides(job, masks), steps, keep=True)
+    final = final.detach().requires_grad_(True)
+    per_sample = ((final - samples.goal[index]) ** 2).flatten(1).mean(1)
+    loss = (weights * per_sample).sum()
+    (grad,) = torch.autograd.grad(loss, final)
+    empty = job.encode([""])
+    conditioning = samples.conditioning[index]
+    # Every recomputed step uses the same draw: gradients collect on leaf copies of the masks, then go through
+    # the draw into the logits once.
+    leaves = {name: mask.detach().requires_grad_(True) for name, mask in masks.items()}
+    for (t, previous), x in zip(reversed(job.ddim_timesteps(steps)), reversed(latents)):
+        x = x.detach().requires_grad_(True)
+        overrides = masked_overrides(job, leaves)
+        out = job.ddim_step(x, job.guided(x, t, conditioning, empty, job.guidance, overrides), t, previous)
+        out.backward(grad)
+        grad = x.grad
+    names = [name for name in masks if leaves[name].grad is not None]
+    torch.autograd.backward([masks[n] for n in names], [leaves[n].grad for n in names])
+    return loss.detach().item()
+
+
+register(Method(
+    name="minimalist",
+    summary="Minimalist (trained, a minute on a GPU): learns binary masks on FF neurons and cross-attention value "
+            "channels so the concept's prompts end where their anchor's do after a short trajectory, while "
+            "retain prompts end where they did; the edit is the masks.",
+    paper="Zhang et al., Minimalist Concept Erasure in Generative Models, ICML 2025",
+    params=MinimalistParams,
+    train=train_minimalist,
+    edits=lambda p: MODULES[p.units],
+))
