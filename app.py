@@ -39,13 +39,13 @@ from erasure.apply import check_applicable
 from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
                              run_record, suggest_prompts, summary_rows)
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
-from erasure.limits import Limits
+from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import pipeline_state
 from erasure.presets import KINDS, load_preset
 from erasure import scoring
 from erasure.scoring import ScorerLoadError, load_clip_scorer
-from erasure.sessions import CancelFlags, EditStore
-from erasure.text import split_concepts
+from erasure.sessions import CancelFlags, EditStore, Jobs
+from erasure.text import split_concepts, validate_concepts
 from erasure.tiny import RANDOM_MODELS
 from erasure.toy import TOY_MODEL
 
@@ -83,6 +83,7 @@ class Studio:
         self.edits = EditStore()
         self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
+        self.jobs = Jobs(slots=1)  # trained methods: one private copy of the denoiser at a time
         self.demo: gr.Blocks | None = None  # set by build_demo
         # Downloads are written inside Gradio's cache folder, which Gradio serves in place: one copy per file
         # (a file anywhere else is copied into the cache when returned). The folder goes when the app does.
@@ -114,17 +115,62 @@ class Studio:
 
     def erase(self, targets: str, anchors: str, retain: str, method: str, session: list,
               request: gr.Request | None = None, **params):
-        """Compute an edit (the pipeline is only read) and add it to the session's comparison columns."""
+        """Compute an edit (the pipeline is only read) and add it to the session's comparison columns. A trained
+        method starts a background job instead; `poll_job` adds its edit when it is done."""
         given = {name.removeprefix(f"{method}_"): value for name, value in params.items()
                  if name.startswith(f"{method}_")}
         target_list, retain_list = split_concepts(targets), split_concepts(retain)
+        anchor_list = split_concepts(anchors) or [""]
         with user_errors():
             self.limits.check_concepts(target_list, retain_list)
-            edit = erasure.erase(self.pipe, method, target_list, split_concepts(anchors) or [""], retain_list,
-                                 **given)
-        session, dropped = self._remember(session, edit, _session_id(request))
+            spec = erasure.get_method(method)
+            if spec.trains:
+                return self._start_job(spec, target_list, anchor_list, retain_list, given, _session_id(request))
+            edit = erasure.erase(self.pipe, method, target_list, anchor_list, retain_list, **given)
+        return (*self._add_edit(session, edit, _session_id(request)), gr.skip(), gr.skip(), gr.skip())
+
+    def _add_edit(self, session: list, edit, owner: str):
+        session, dropped = self._remember(session, edit, owner)
         path = edit.save(self._new_file(f"{edit.method}-{_slug(edit.targets)}", ".safetensors"))
         return session, self._edit_choices(session), self._report(edit, dropped), layer_table(edit), str(path)
+
+    # -- training jobs ----------------------------------------------------------------------------------
+    def _start_job(self, spec, targets, anchors, retain, given, owner: str):
+        """Check everything a user can get wrong now (not minutes later in the job), then train in the background."""
+        spec.parse_params(given)
+        validate_concepts(targets, anchors, retain, self.pipe.tokenizer, MAX_TARGETS)
+        retain = retain if spec.uses_retain else []
+        label = f"{spec.name.upper()}: {_short(', '.join(targets), 32)}"
+        self.jobs.start(owner, label, lambda on_step, should_stop: erasure.erase(
+            self.pipe, spec.name, targets, anchors, retain, on_step=on_step, should_stop=should_stop, **given))
+        return (gr.skip(), gr.skip(), f"Training **{label}** in the background; the edit appears here and as a "
+                f"column when it is done. Generating goes on meanwhile.", gr.skip(), gr.skip(),
+                f"**{label}**: starting...", gr.Timer(active=True), gr.Button(interactive=True))
+
+    def poll_job(self, session: list, request: gr.Request):
+        """The page's timer: the session's job progress; when it has finished, its edit joins the session."""
+        owner = _session_id(request)
+        job = self.jobs.get(owner)
+        idle = (gr.Timer(active=False), gr.Button(interactive=False))
+        if job is None:
+            return (*[gr.skip()] * 6, *idle)
+        if not job.finished:
+            return (*[gr.skip()] * 5, job_progress(job), gr.skip(), gr.skip())
+        job = self.jobs.take(owner)
+        if job is None:  # another poll took it a moment ago
+            return (*[gr.skip()] * 6, *idle)
+        seconds = f"{time.monotonic() - job.started:.0f} s"
+        if job.state == "cancelled":
+            return (*[gr.skip()] * 5, f"**{job.label}**: cancelled; nothing was kept.", *idle)
+        if job.state == "failed":
+            return (*[gr.skip()] * 5, f"**{job.label}**: failed: {job.error}", *idle)
+        return (*self._add_edit(session, job.result, owner),
+                f"**{job.label}**: done in {seconds} (final loss {job.loss:.4g}).", *idle)
+
+    def cancel_job(self, request: gr.Request):
+        if self.jobs.cancel(_session_id(request)):
+            return "Cancelling the training job after its current step..."
+        return "No training job is running in this session."
 
     def upload_edit(self, file: str | None, session: list, request: gr.Request | None = None):
         if not file:
@@ -143,6 +189,7 @@ class Studio:
         """The browser tab closed (or a client disconnected): stop its generation, free its edits now rather
         than when Gradio expires its state an hour later."""
         self.cancel_flags.cancel(_session_id(request))
+        self.jobs.discard_session(_session_id(request))
         self.edits.discard_session(_session_id(request))
 
     def _remember(self, session: list, edit, owner: str) -> tuple[list, list[str]]:
@@ -158,7 +205,7 @@ class Studio:
         """After a failed erase or upload: say so, and which edits the session still holds."""
         held = ", ".join(entry["label"] for entry in session) or "no edits"
         return (gr.skip(), f"**Failed**: the reason is in the error notice. This session holds {held}.",
-                layer_table())
+                layer_table(), "")
 
     @staticmethod
     def _edit_choices(session: list):
@@ -298,14 +345,22 @@ PARAM_KEYS = [(name, param, spec) for name, method in sorted(erasure.METHODS.ite
 
 
 def param_component(method: str, name: str, spec: dict):
-    label, info = name, spec["help"]
+    common = dict(label=name, info=spec["help"], elem_id=f"{method}-{name}")
     if spec["type"] == "bool":
-        return gr.Checkbox(value=spec["default"], label=label, info=info)
+        return gr.Checkbox(value=spec["default"], **common)
     if "choices" in spec:
-        return gr.Dropdown(spec["choices"], value=spec["default"], label=label, info=info)
+        return gr.Dropdown(spec["choices"], value=spec["default"], **common)
     if spec["type"] in ("int", "float"):
-        return gr.Number(value=spec["default"], label=label, info=info, precision=0 if spec["type"] == "int" else None)
-    return gr.Textbox(value=str(spec["default"]), label=label, info=info)
+        return gr.Number(value=spec["default"], precision=0 if spec["type"] == "int" else None, **common)
+    return gr.Textbox(value=str(spec["default"]), **common)
+
+
+def job_progress(job) -> str:
+    if job.state == "waiting":
+        return f"**{job.label}**: waiting for another session's training job to finish..."
+    loss = f" · loss {job.loss:.4g}" if job.done else ""
+    return (f"**{job.label}**: step {job.done} of {job.total or '?'}{loss} · "
+            f"{time.monotonic() - job.started:.0f} s")
 
 
 def edit_report(edit, uploaded: str | None = None) -> str:
@@ -318,6 +373,14 @@ def edit_report(edit, uploaded: str | None = None) -> str:
     if "solve_seconds" in stats and "encode_seconds" in stats:
         lines.append(f"Computed in **{stats['encode_seconds'] + stats['solve_seconds']:.2f} s** "
                      f"({stats['encode_seconds']:.2f} s text encoding + {stats['solve_seconds']:.2f} s solve).")
+    if "train_seconds" in stats:
+        lines.append(f"Trained in **{stats['train_seconds']:.1f} s**; loss {stats['loss_first']:.4g} → "
+                     f"{stats['loss_last']:.4g} (means of the first and last steps).")
+    if "sparsity" in stats:
+        lines.append(f"Masks: **{stats['units_off']} of {stats['units']} units off** (sparsity "
+                     f"{stats['sparsity']:.2%}); erasure loss {stats['concept_loss_all_on']:.4g} with every unit on → "
+                     f"{stats['concept_loss']:.4g}; retain error {stats['retain_relative_error']:.2%} of the retain "
+                     f"latents' mean square.")
     return "  \n".join(lines)
 
 
@@ -473,7 +536,7 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                 retain = gr.Textbox(label="Retain: concepts to keep", lines=3, max_lines=8,
                                     info="comma-separated on one line, or one per line (names may hold commas)",
                                     placeholder="e.g. Pikachu, Garfield", elem_id="retain")
-                method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method")
+                method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method", elem_id="method")
                 method_summary = gr.Markdown(elem_classes="method-summary")
                 param_inputs, method_groups = {}, {}
                 with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
@@ -483,6 +546,11 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                 if method_name == name:
                                     param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
                 erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
+                with gr.Row(equal_height=True):
+                    job_status = gr.Markdown(elem_id="job-status")
+                    job_cancel = gr.Button("Cancel training", size="sm", interactive=False, elem_id="cancel-training",
+                                           scale=0, min_width=140)
+                job_timer = gr.Timer(1.0, active=False)
                 edit_summary = gr.Markdown(elem_id="edit-report")
                 with gr.Accordion("Per-layer statistics", open=False, elem_id="layers-accordion"):
                     layers = gr.Dataframe(layer_table(), label="Means over concept rows; 'down 1.0' is "
@@ -546,13 +614,16 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
               [erase_prompts, keep_prompts], api_name="suggest_prompts", queue=False)
         ui_only = dict(queue=False, api_visibility="private")  # page state, not part of the API
         erasing = erase_button.click(on_gpu(studio.erase), [targets, anchors, retain, method, session],
-                                     [session, compared, edit_summary, layers, edit_file], inputs_kwargs=param_inputs,
-                                     api_name="erase", **gpu)
+                                     [session, compared, edit_summary, layers, edit_file, job_status, job_timer,
+                                      job_cancel], inputs_kwargs=param_inputs, api_name="erase", **gpu)
+        job_timer.tick(studio.poll_job, [session], [session, compared, edit_summary, layers, edit_file, job_status,
+                                                    job_timer, job_cancel], api_name="poll_job", queue=False)
+        job_cancel.click(studio.cancel_job, None, [job_status], api_name="cancel_training", queue=False)
         uploading = upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
                                   api_name="upload_edit", **gpu)
         for event in (erasing, uploading):  # a failure's "Error" badge would sit over the last edit's report
-            event.failure(studio.edit_failed, [session], [compared, edit_summary, layers], api_name="edit_failed",
-                          **ui_only)
+            event.failure(studio.edit_failed, [session], [compared, edit_summary, layers, job_status],
+                          api_name="edit_failed", **ui_only)
         # Cancel is live only while a generation runs: enabled before it starts, disabled however it ends.
         generating = generate_button.click(cancel_state(True), None, [cancel_button], api_name="generation_started",
                                            **ui_only).then(

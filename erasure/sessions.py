@@ -1,4 +1,4 @@
-"""Server-side bookkeeping for app sessions: edits by id, and per-session cancel flags.
+"""Server-side bookkeeping for app sessions: edits by id, per-session cancel flags, background training jobs.
 
 Edits hold tensors (tens of MB on SD-1.x), which do not belong in a UI framework's per-session
 state (Gradio deep-copies and hashes it). A session keeps only the ids; the tensors live here,
@@ -8,9 +8,13 @@ bounded by an LRU cap so abandoned sessions cannot exhaust memory.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import secrets
 import threading
-from typing import Iterable
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 from .edit import Edit, Patch
 from .lru import LRU
@@ -77,3 +81,90 @@ class CancelFlags:
         with self._lock:
             if self._flags.get(session) is flag:
                 del self._flags[session]
+
+
+@dataclass
+class Job:
+    """A trained method running in the background for one session; the app polls it."""
+    label: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    state: str = "waiting"  # waiting (for a free slot) | running | done | cancelled | failed
+    done: int = 0
+    total: int = 0
+    loss: float = math.nan
+    started: float = field(default_factory=time.monotonic)
+    result: Any = None  # the edit, when done
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled", "failed")
+
+
+class Jobs:
+    """Background training jobs: one per session, at most `slots` training at once (each holds a private copy
+    of the denoiser, so the slots bound memory); the others wait their turn. Jobs run in their own threads,
+    not in a request: the page polls, other requests and sessions go on."""
+
+    def __init__(self, slots: int = 1):
+        self._slots = threading.Semaphore(slots)
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str, label: str, work: Callable[[Callable, Callable], Any]) -> Job:
+        """Run `work(on_step, should_stop)` in a thread for `session`; a ValueError if one is still running."""
+        with self._lock:
+            current = self._jobs.get(session)
+            if current is not None and not current.finished:
+                raise ValueError(f"this session is still training {current.label}; cancel it or wait for it "
+                                 f"to finish before starting another")
+            job = self._jobs[session] = Job(label)
+        threading.Thread(target=self._run, args=(job, work), name=f"training {label}", daemon=True).start()
+        return job
+
+    def _run(self, job: Job, work) -> None:
+        from .training import TrainingCancelled
+
+        def on_step(done, total, loss):
+            job.done, job.total, job.loss = done, total, loss
+
+        with self._slots:
+            if job.cancel.is_set():
+                job.state = "cancelled"
+                return
+            job.state, job.started = "running", time.monotonic()
+            try:
+                job.result = work(on_step, job.cancel.is_set)
+                job.state = "done"
+            except TrainingCancelled:
+                job.state = "cancelled"
+            except ValueError as error:  # the user's input (concepts, parameters): their own sentence
+                job.error, job.state = str(error), "failed"
+            except Exception as error:  # a bug: the log gets the traceback, the user a short line
+                logging.getLogger(__name__).exception("training job %s failed", job.label)
+                job.error, job.state = f"{type(error).__name__}: {error}", "failed"
+
+    def get(self, session: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(session)
+
+    def take(self, session: str) -> Job | None:
+        """The session's job if it has finished, removed from the store (its result is now the caller's)."""
+        with self._lock:
+            job = self._jobs.get(session)
+            if job is None or not job.finished:
+                return None
+            return self._jobs.pop(session)
+
+    def cancel(self, session: str) -> bool:
+        """Ask the session's job to stop after its current step; False when it has none running."""
+        job = self.get(session)
+        if job is None or job.finished:
+            return False
+        job.cancel.set()
+        return True
+
+    def discard_session(self, session: str) -> None:
+        self.cancel(session)
+        with self._lock:
+            self._jobs.pop(session, None)

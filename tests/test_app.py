@@ -52,7 +52,7 @@ def client(server):
 
 def erase(client, targets, method="uce", retain="Mickey", anchors="", **params):
     """/erase -> the labels of the session's edits (the value of the "edits to compare" update)."""
-    compared, report, _, edit_file = client.predict(targets, anchors, retain, method, **params, api_name="/erase")
+    compared, report, _, edit_file, *_ = client.predict(targets, anchors, retain, method, **params, api_name="/erase")
     return compared["value"], report, edit_file
 
 
@@ -413,7 +413,7 @@ def test_user_errors_print_no_traceback_but_bugs_still_do(pipe, client, capfd, u
 
 
 def test_layer_table_names_each_module_shortly_and_fits_its_numbers(client):
-    _, _, layers, _ = client.predict("Snoopy", "", "Mickey", "uce", api_name="/erase")
+    _, _, layers, *_ = client.predict("Snoopy", "", "Mickey", "uce", api_name="/erase")
     assert layers["headers"] == ["layer", "relative change", "target residual", "retain drift"]
     names = [row[0] for row in layers["data"]]
     # UCE edits keys and values: the two rows of one attention layer must be told apart at a glance.
@@ -489,3 +489,41 @@ def test_fallback_notice_keeps_the_loaders_reason_in_whole_words(monkeypatch):
     shown = notice[notice.index("(") + 1: notice.index(")")]
     assert shown.endswith(" …") and reason.startswith(shown.removesuffix(" …"))
     assert shown.removesuffix(" …").split()[-1] in reason.split()  # the cut falls between words
+
+
+ESD_FAST = {"esd-x_iterations": 6, "esd-x_trajectories": 2, "esd-x_sample_steps": 3, "esd-x_size": 32}
+
+
+def poll_until_finished(client, timeout=180):
+    """/poll_job until the job has finished: (compared update, report, job status line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        compared, report, _, _, status, _ = client.predict(api_name="/poll_job")
+        if status and not re.search(r"step \d+ of|starting|waiting", status):
+            return compared, report, status
+        time.sleep(0.3)
+    raise AssertionError("the training job did not finish")
+
+
+def test_a_training_job_runs_in_the_background_and_its_edit_joins_the_session(client, untouched):
+    compared, _, _ = erase(client, "Snoopy", method="speed")
+    _, report, _, _, status, _ = client.predict("cat", "", "", "esd-x", **ESD_FAST, api_name="/erase")
+    assert "Training **ESD-X: cat** in the background" in report and "starting" in status
+    with pytest.raises(AppError, match="still training ESD-X: cat"):
+        client.predict("dog", "", "", "esd-x", **ESD_FAST, api_name="/erase")
+    updated, report, status = poll_until_finished(client)
+    assert re.fullmatch(r"\*\*ESD-X: cat\*\*: done in \d+ s \(final loss [-+.e\d]+\)\.", status), status
+    assert updated["value"] == [*compared, "#2 ESD-X: cat"] and "esd-x" in report.lower()
+
+
+def test_a_cancelled_training_job_leaves_no_edit(client, untouched):
+    compared, _, _ = erase(client, "Snoopy", method="speed")
+    client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 5000}, api_name="/erase")
+    deadline = time.monotonic() + 120
+    while "step" not in client.predict(api_name="/poll_job")[4] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.predict(api_name="/cancel_training").startswith("Cancelling the training job")
+    updated, _, status = poll_until_finished(client)
+    assert status == "**ESD-X: cat**: cancelled; nothing was kept." and updated == {"__type__": "update"}  # skipped
+    assert client.predict(api_name="/cancel_training") == "No training job is running in this session."
+    assert len([e for e in erase(client, "Mickey", method="speed")[0]]) == len(compared) + 1

@@ -77,6 +77,16 @@ def wait_until_serving(url: str, process: subprocess.Popen | None, log: Path | N
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """`python app.py --model toy`, with Gradio's cache (where the app also keeps its downloads) in a tmp folder."""
+    yield from serve("toy", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    """`python app.py --model tiny`: the random-weight model, where training jobs take seconds."""
+    yield from serve("tiny", tmp_path_factory)
+
+
+def serve(model: str, tmp_path_factory):
     port = free_port()
     folder = tmp_path_factory.mktemp("app")
     log, cache = folder / "app.log", folder / "gradio-cache"
@@ -84,7 +94,7 @@ def app(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(cache),
            "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--model", "toy"], cwd=ROOT, env=env, stdout=out,
+        process = subprocess.Popen([sys.executable, "app.py", "--model", model], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -335,3 +345,69 @@ def test_fallback_banner_shows_the_loaders_reason_in_whole_words(monkeypatch, br
         page.close()
     finally:
         demo.close()
+
+
+def choose(page, elem_id: str, option: str):
+    page.click(f"#{elem_id} input")
+    page.locator(f"[role=option][aria-label={option!r}]").click()
+    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input`).value === v", arg=[elem_id, option])
+
+
+def job_step(page) -> int:
+    found = re.search(r"step (\d+) of", page.locator("#job-status").inner_text())
+    return int(found[1]) if found else -1
+
+
+def test_a_training_job_shows_progress_cancels_finishes_and_compares_while_another_session_generates(
+        tiny_app, browser, shots):
+    page, other = open_page(browser, tiny_app.url), open_page(browser, tiny_app.url)
+    page.fill("#targets textarea", "cat")
+    page.fill("#retain textarea", "dog")
+    page.click("#erase")  # SPEED, the default method: the column to compare the trained edit with
+    page.wait_for_selector("#edit-report :text('modules changed')")
+
+    choose(page, "method", "esd-x")
+    page.click("text=Advanced: method parameters")
+    for name, value in (("iterations", "5000"), ("trajectories", "2"), ("sample_steps", "3"), ("size", "32")):
+        set_number(page, f"esd-x-{name}", value)
+    assert not page.is_enabled("#cancel-training")
+    page.click("#erase")
+    page.wait_for_selector("#job-status :text('step')")
+    page.wait_for_selector("#cancel-training:enabled")
+    first = job_step(page)
+    page.wait_for_function(f"() => /step (\\d+) of/.test(document.querySelector('#job-status').innerText) && "
+                           f"+document.querySelector('#job-status').innerText.match(/step (\\d+) of/)[1] > {first}")
+    page.screenshot(path=str(shots / "training.png"), full_page=True)
+
+    # Another session generates while the job trains.
+    set_target(other, "dog")
+    other.fill("#erase-prompts textarea", "a photo of a dog")
+    other.fill("#keep-prompts textarea", "")
+    other.fill("#seeds textarea", "0")
+    other.click("#generate")
+    other.wait_for_selector("#status :text('rows x')")
+    assert other.locator("#erase-gallery img").count() == 1
+    assert "step" in page.locator("#job-status").inner_text()  # still training
+    other.close()
+
+    page.click("#cancel-training")
+    page.wait_for_selector("#job-status :text('cancelled; nothing was kept')")
+    page.wait_for_selector("#cancel-training:disabled")
+    assert page.locator("#compared input[type=checkbox]").count() == 1  # only the SPEED edit
+
+    set_number(page, "esd-x-iterations", "10")
+    page.click("#erase")
+    page.wait_for_selector("#job-status :text('done in')")
+    labels = page.locator("#compared label").all_inner_texts()
+    assert [label.strip() for label in labels] == ["#1 SPEED: cat", "#2 ESD-X: cat"]
+    assert "Trained in" in page.locator("#edit-report").inner_text()
+
+    page.fill("#erase-prompts textarea", "a photo of a cat")
+    page.fill("#keep-prompts textarea", "a photo of a dog")
+    page.fill("#seeds textarea", "0")
+    page.click("#generate")
+    page.wait_for_selector("#status :text('rows x')")
+    captions = page.locator("#erase-gallery .caption-label").all_inner_texts()
+    assert [c.split(" · ")[0] for c in captions] == ["original", "#1 SPEED: cat", "#2 ESD-X: cat"], captions
+    page.screenshot(path=str(shots / "trained-compared.png"), full_page=True)
+    page.close()
