@@ -378,9 +378,9 @@ def edit_report(edit, uploaded: str | None = None) -> str:
                      f"{stats['loss_last']:.4g} (means of the first and last steps).")
     if "sparsity" in stats:
         lines.append(f"Masks: **{stats['units_off']} of {stats['units']} units off** (sparsity "
-                     f"{stats['sparsity']:.2%}); erasure loss {stats['concept_loss_all_on']:.4g} with every unit on → "
-                     f"{stats['concept_loss']:.4g}; retain error {stats['retain_relative_error']:.2%} of the retain "
-                     f"latents' mean square.")
+                     f"{stats['sparsity']:.2%}); erasure loss {stats['concept_loss_all_on']:.4g} with every unit "
+                     f"on → {stats['concept_loss']:.4g}; retain error {stats['retain_relative_error']:.2%} of the "
+                     f"retain latents' mean square.")
     return "  \n".join(lines)
 
 

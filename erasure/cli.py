@@ -24,9 +24,15 @@ def cmd_erase(args) -> None:
     edit = erasure.erase(pipe, args.method, targets, anchors, retain, progress=True, **params)
     path = edit.save(args.out)
     stats = edit.stats
+    if "train_seconds" in stats:
+        timing = (f"trained in {stats['train_seconds']:.1f} s, loss {stats['loss_first']:.4g} -> "
+                  f"{stats['loss_last']:.4g}")
+        if "sparsity" in stats:
+            timing += f", {stats['units_off']} of {stats['units']} units off"
+    else:
+        timing = f"text encoding {stats['encode_seconds']:.2f} s, solve {stats['solve_seconds']:.2f} s"
     print(f"{args.method}: erased {len(edit.targets)} concept(s), kept {len(edit.retain)} retain concept(s), "
-          f"{len(edit.modules())} modules; text encoding {stats['encode_seconds']:.2f} s, "
-          f"solve {stats['solve_seconds']:.2f} s -> {path}")
+          f"{len(edit.modules())} modules; {timing} -> {path}")
 
 
 def cmd_generate(args) -> None:

@@ -56,8 +56,8 @@ class TrainingJob:
         def encode(texts):
             return torch.stack([e.rows for e in encode_texts(pipe, list(texts), full_length=True)])
 
-        return cls(private_copy(pipe), encode, dict(pipe.scheduler.config), schedule, final, len(schedule), shape, scale,
-                   settings.guidance, on_step, should_stop)
+        return cls(private_copy(pipe), encode, dict(pipe.scheduler.config), schedule, final, len(schedule), shape,
+                   scale, settings.guidance, on_step, should_stop)
 
     @property
     def device(self) -> torch.device:

@@ -491,7 +491,7 @@ def test_fallback_notice_keeps_the_loaders_reason_in_whole_words(monkeypatch):
     assert shown.removesuffix(" …").split()[-1] in reason.split()  # the cut falls between words
 
 
-ESD_FAST = {"esd-x_iterations": 6, "esd-x_trajectories": 2, "esd-x_sample_steps": 3, "esd-x_size": 32}
+ESD_FAST = {"esd-x_iterations": 6, "esd-x_trajectories": 2, "esd-x_sample_steps": 3, "esd-x_train_size": 32}
 
 
 def poll_until_finished(client, timeout=180):

@@ -1,5 +1,7 @@
 """`python -m erasure erase | generate` on the tiny model, run in-process through cli.main."""
 
+import re
+
 import pytest
 from PIL import Image
 
@@ -77,3 +79,13 @@ def test_every_flag_has_help_and_shared_parameters_show_each_methods_default():
             assert action.help, f"{name} {action.option_strings} has no help"
     lamb = next(a for a in commands["erase"]._actions if a.dest == "lamb").help
     assert "speed: λ" in lamb and "(default 0.0)" in lamb and "uce: ridge λ" in lamb and "(default 0.5)" in lamb
+
+
+def test_a_trained_method_shows_a_progress_bar_with_its_loss(tmp_path, capsys):
+    edit_path = tmp_path / "esd.safetensors"
+    assert main(["erase", "--model", "tiny", "--method", "esd-x", "--targets", "cat", "--iterations", "5",
+                 "--trajectories", "1", "--sample_steps", "2", "--train_size", "32", "--out", str(edit_path)]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"training esd-x: 100%.*5/5.*loss=", err), err[-500:]
+    assert re.search(r"esd-x: erased 1 concept\(s\).*trained in [\d.]+ s, loss [-+.e\d]+ -> [-+.e\d]+", out), out
+    assert erasure.Edit.load(edit_path).method == "esd-x"

@@ -22,8 +22,8 @@ from erasure.training import TrainingCancelled, TrainingJob
 from conftest import assert_untouched
 
 # 32-px samples (16x16 latents): the tiny model's self-attention at its native 64 px costs 16x more.
-ESD_FAST = dict(iterations=40, lr=5e-4, trajectories=4, sample_steps=6, batch=8, size=32)
-MINIMALIST_FAST = dict(iterations=24, lr=0.5, init=1.0, steps=2, templates=2, size=32)
+ESD_FAST = dict(iterations=40, lr=5e-4, trajectories=4, sample_steps=6, batch=8, train_size=32)
+MINIMALIST_FAST = dict(iterations=24, lr=0.5, init=1.0, trajectory_steps=2, templates=2, train_size=32)
 # ESD-x: the held-out mean squared distance of ε(x_t, c) to the negatively guided target shrinks at least 3x
 # (measured 5.1x: 1.64e-4 -> 3.18e-5 on 24 held-out x_t).
 HELD_OUT_SHRINK = 1 / 3

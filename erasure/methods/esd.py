@@ -37,8 +37,8 @@ class ESDParams:
     trajectories: int = param(8, "frozen-model trajectories sampled once per target", min=1, max=64)
     sample_steps: int = param(25, "DDIM steps of each trajectory: every step's x_t is cached", min=2, max=200)
     sample_guidance: float = param(3.0, "classifier-free guidance of the trajectories", min=0.0, max=50.0)
-    size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on SD-1.x)",
-                      min=0, max=2048)
+    train_size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on "
+                                  "SD-1.x)", min=0, max=2048)
     seed: int = param(0, "seeds the trajectories' noise and the batch draws: same seed, bitwise same edit", min=0)
 
 
@@ -62,7 +62,7 @@ def sample_scores(job, targets, anchors, params: ESDParams, seed_offset: int = 0
     for index, (target, anchor) in enumerate(zip(targets, anchors)):
         seeds = [params.seed * 100_003 + seed_offset + index * params.trajectories + k
                  for k in range(params.trajectories)]
-        x = job.noise(seeds, params.size)
+        x = job.noise(seeds, params.train_size)
         count = len(x)
         conditioning = torch.stack([rows[""], rows[target], rows[anchor]]).repeat_interleave(count, 0)
         for t, previous in job.ddim_timesteps(params.sample_steps):

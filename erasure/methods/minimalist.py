@@ -42,14 +42,14 @@ class MinimalistParams:
     init: float = param(2.0, "initial logit λ of every unit (σ(2) = 0.88: every unit starts on)", min=-20.0,
                         max=20.0)
     beta: float = param(1.0, "β, weight of the retain reconstruction loss (> 0)", min=1e-6, max=1000.0)
-    steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=1, max=50)
+    trajectory_steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=1, max=50)
     units: str = param("ff+v", "which units get masks: FF neurons, cross-attention value channels, or both",
                        choices=list(MODULES))
-    kind: str = param("object", "prompt templates the concepts are written into (a preset's kind)",
+    template_kind: str = param("object", "prompt templates the concepts are written into (a preset's kind)",
                       choices=list(KINDS))
     templates: int = param(4, "prompt templates per concept", min=1, max=50)
-    size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on SD-1.x)",
-                      min=0, max=2048)
+    train_size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on "
+                                  "SD-1.x)", min=0, max=2048)
     seed: int = param(0, "seeds the noise of every sample and the mask draws: same seed, bitwise same edit", min=0)
 
 
@@ -111,16 +111,16 @@ def trajectory(job, samples: Samples, index, overrides, steps: int, keep: bool =
 
 @torch.no_grad()
 def build_samples(job, concepts, params: MinimalistParams) -> Samples:
-    forms = prompt_templates(params.kind, full=True)[: params.templates]
+    forms = prompt_templates(params.template_kind, full=True)[: params.templates]
     pairs = [(form.format(target), form.format(anchor).strip(), False)
              for target, anchor in zip(concepts.targets, concepts.anchors) for form in forms]
     pairs += [(form.format(kept), form.format(kept), True) for kept in concepts.retain for form in forms]
     seeds = [SEED_BASE + params.seed * 100_003 + i for i in range(len(pairs))]
-    noise = job.noise(seeds, params.size)
+    noise = job.noise(seeds, params.train_size)
     prompts = job.encode([p for p, _, _ in pairs])
     goal_prompts = job.encode([g for _, g, _ in pairs])
     goals = torch.cat([trajectory(job, Samples(goal_prompts[i:i + 8], noise[i:i + 8], noise[i:i + 8], None),
-                                  slice(None), None, params.steps) for i in range(0, len(pairs), 8)])
+                                  slice(None), None, params.trajectory_steps) for i in range(0, len(pairs), 8)])
     return Samples(prompts, noise, goals, torch.tensor([r for _, _, r in pairs]))
 
 
@@ -157,14 +157,15 @@ def train_minimalist(job, concepts, params: MinimalistParams):
         index = torch.tensor(index, device=job.device)
         masks = hard_concrete(logits, generator)
         loss = unrolled_step(job, samples, index, torch.tensor(weights, device=job.device), logits, masks,
-                             params.steps)
+                             params.trajectory_steps)
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
         losses.append(loss)
         job.report(step + 1, params.iterations, loss)
     binary = {name: (logit.detach() > 0).float() for name, logit in logits.items()}
     ones = {name: torch.ones_like(mask) for name, mask in binary.items()}
-    before, after = sample_losses(job, samples, ones, params.steps), sample_losses(job, samples, binary, params.steps)
+    steps = params.trajectory_steps
+    before, after = sample_losses(job, samples, ones, steps), sample_losses(job, samples, binary, steps)
     retain_scale = (samples.goal[samples.retain] ** 2).flatten(1).mean(1) if len(retain_index) else None
     units = sum(len(m) for m in binary.values())
     stats = {"sparsity": float(sum(float((m == 0).sum()) for m in binary.values()) / units), "units": units,
