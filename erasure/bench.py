@@ -23,6 +23,11 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def closed_forms() -> list[str]:
+    """The methods `run_bench` times (trained ones have `run_train_bench`)."""
+    return sorted(name for name, method in METHODS.items() if not method.trains)
+
+
 def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=None, json_path=None,
               model: str = "sd14-random", repeats: int = 3) -> list[dict]:
     """Median over `repeats` of each timing, per method and number of target concepts."""
@@ -34,7 +39,7 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
     pool = list(load_preset("celebrity-100").targets) + list(load_preset("instance").retain)
     instance_retain = list(load_preset("instance").retain)[:600]
     results = []
-    for method in methods or sorted(METHODS):
+    for method in methods or closed_forms():
         retain = instance_retain if METHODS[method].uses_retain else []  # ScaPre takes none
         # warm-up of kernels and allocator only: caches are cleared before every timed first edit
         erase(pipe, method, targets=pool[:1], anchors=[""], retain=retain[:8])
@@ -83,3 +88,85 @@ def print_row(row: dict, header: bool) -> None:
         print("| " + " | ".join(f"{title:{align}}" for title, _, align, _ in COLUMNS) + " |")
         print("|" + "|".join("-" * (int(align[1:]) + 2) for _, _, align, _ in COLUMNS) + "|")
     print("| " + " | ".join(f"{row[key]:{align}{fmt}}" for _, key, align, fmt in COLUMNS) + " |", flush=True)
+
+
+# Sustained bf16/fp16 throughput assumed for an H100 on these batch-1-to-8 UNet passes: about 10% of its
+# ~990 TFLOP/s dense peak (small batches, attention and normalisation layers keep it far from peak).
+ASSUMED_H100_TFLOPS = 100.0
+
+
+def run_train_bench(device: str | None = None, model: str = "sd14-random", size: int = 512, targets: int = 1,
+                    retain: int = 4) -> list[dict]:
+    """Per-row cost of the UNet passes trained methods make (one row = one latent through the UNet): time on
+    this device and FLOPs (counted by torch's FlopCounterMode), then each method's default run as a count of
+    such rows, projected to a time here and on an H100 at ASSUMED_H100_TFLOPS."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .methods.esd import ESDParams, FULL, trainable_names
+    from .methods.minimalist import MinimalistParams, masked_overrides, unit_count, unit_names
+    from .training import TrainingJob
+
+    pipe = load_pipeline(model, device=device)
+    job = TrainingJob.for_pipeline(pipe)
+    x = job.noise([0], size)
+    context = job.encode(["a photo of a cat"])
+    t = 500
+
+    def measure(fn) -> tuple[float, float]:
+        fn()  # warm-up
+        with FlopCounterMode(display=False) as counter:
+            start = time.perf_counter()
+            fn()
+            if str(job.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return seconds, counter.get_total_flops()
+
+    def frozen():
+        with torch.no_grad():
+            job.denoise(x, t, context)
+
+    esd_masters = {n: job.base(n).float().clone().requires_grad_(True) for n in trainable_names(job, FULL)}
+
+    def esd_step():
+        job.denoise(x, t, context, esd_masters).square().mean().backward()
+
+    names = unit_names(job, MinimalistParams.units)
+    logits = {n: torch.full((unit_count(job, n),), 2.0, device=job.device, requires_grad=True) for n in names}
+
+    def mask_step():
+        x_in = x.clone().requires_grad_(True)
+        masks = {n: torch.sigmoid(v) for n, v in logits.items()}
+        job.denoise(x_in, t, context, masked_overrides(job, masks)).square().mean().backward()
+
+    passes = {"frozen forward": measure(frozen), "ESD-x forward+backward": measure(esd_step),
+              "masked forward+backward": measure(mask_step)}
+    print(f"{model} on {job.device} ({job.dtype}), {size} px, one latent per pass:\n")
+    print("| pass | s per row | GFLOP per row |\n|---|---:|---:|")
+    for name, (seconds, flops) in passes.items():
+        print(f"| {name} | {seconds:.2f} | {flops / 1e9:.0f} |")
+
+    esd, mini = ESDParams(), MinimalistParams()
+    samples = (targets + retain) * mini.templates
+    k = mini.trajectory_steps
+    runs = {
+        f"esd-x (defaults, {targets} target)": {
+            "frozen forward": targets * esd.trajectories * esd.sample_steps * 3,
+            "ESD-x forward+backward": esd.iterations * esd.batch},
+        f"minimalist (defaults, {targets} target + {retain} retain)": {
+            # goal trajectories; per step K no-grad guided steps of 2 samples, then K recomputed with grad;
+            # the final losses with all units on and with the binary masks
+            "frozen forward": samples * k * 2 + mini.iterations * 2 * k * 2 + 2 * samples * k * 2,
+            "masked forward+backward": mini.iterations * 2 * k * 2},
+    }
+    rows = []
+    print(f"\n| default run | UNet rows | here, s | projected H100 s (at {ASSUMED_H100_TFLOPS:.0f} TFLOP/s) |")
+    print("|---|---|---:|---:|")
+    for run, counts in runs.items():
+        here = sum(n * passes[p][0] for p, n in counts.items())
+        flops = sum(n * passes[p][1] for p, n in counts.items())
+        rows.append({"run": run, "rows": counts, "seconds_here": here, "tflop": flops / 1e12,
+                     "projected_h100_s": flops / (ASSUMED_H100_TFLOPS * 1e12)})
+        shown = ", ".join(f"{n} {p}" for p, n in counts.items())
+        print(f"| {run} | {shown} | {here:.0f} | {rows[-1]['projected_h100_s']:.1f} |", flush=True)
+    return rows

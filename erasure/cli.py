@@ -67,8 +67,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_bench
+    from .bench import run_bench, run_train_bench
 
+    if args.trained:
+        run_train_bench(device=args.device, size=args.size)
+        return
     run_bench(device=args.device, concept_counts=args.concepts, methods=args.methods, json_path=args.json,
               repeats=args.repeats)
 
@@ -129,10 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100],
                        help="numbers of target concepts to time (default 1 10 100)")
-    bench.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS),
-                       help="methods to time (default: all)")
+    closed = sorted(name for name, method in METHODS.items() if not method.trains)
+    bench.add_argument("--methods", nargs="+", default=closed, choices=closed,
+                       help="closed-form methods to time (default: all; --trained times the trained ones)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the table shows medians")
     bench.add_argument("--json", default=None, help="also write the results here")
+    bench.add_argument("--trained", action="store_true",
+                       help="instead: per-pass cost of the trained methods (ESD-x, Minimalist) and their default runs "
+                            "projected here and on an H100")
+    bench.add_argument("--size", type=int, default=512, help="with --trained: image side in pixels (default 512)")
     bench.set_defaults(run=cmd_bench)
 
     add_evaluate_parser(commands)

@@ -89,3 +89,16 @@ def test_a_trained_method_shows_a_progress_bar_with_its_loss(tmp_path, capsys):
     assert re.search(r"training esd-x: 100%.*5/5.*loss=", err), err[-500:]
     assert re.search(r"esd-x: erased 1 concept\(s\).*trained in [\d.]+ s, loss [-+.e\d]+ -> [-+.e\d]+", out), out
     assert erasure.Edit.load(edit_path).method == "esd-x"
+
+
+def test_the_trained_bench_counts_each_runs_unet_passes_and_projects_from_their_flops(capsys):
+    from erasure.bench import ASSUMED_H100_TFLOPS, run_train_bench
+
+    rows = run_train_bench(device="cpu", model="tiny", size=32)
+    out = capsys.readouterr().out
+    assert "| frozen forward |" in out and "| masked forward+backward |" in out
+    esd, minimalist = rows
+    assert esd["rows"] == {"frozen forward": 8 * 25 * 3, "ESD-x forward+backward": 200 * 4}
+    assert minimalist["rows"]["masked forward+backward"] == 60 * 2 * 4 * 2
+    for row in rows:
+        assert row["tflop"] > 0 and row["projected_h100_s"] == pytest.approx(row["tflop"] / ASSUMED_H100_TFLOPS)
