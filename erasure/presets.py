@@ -26,7 +26,14 @@ class Preset:
     model: str | None = None  # "toy": made for the toy world; None: for real models
 
     def method_params(self, method: str) -> dict:
-        return dict(self.params.get(method, {}))
+        """The preset's parameters for `method`; a method that writes prompts from templates (`template_kind`)
+        uses the preset's kind unless the preset says otherwise."""
+        from .methods import METHODS
+
+        params = dict(self.params.get(method, {}))
+        if method in METHODS and "template_kind" in METHODS[method].schema():
+            params.setdefault("template_kind", self.kind)
+        return params
 
 
 def presets(model: str | None = None) -> list[str]:

@@ -164,3 +164,9 @@ def test_another_thread_generates_while_a_job_trains(pipe, untouched):
     generated.set()
     job.join(60)
     assert isinstance(result.get("edit"), Edit)
+
+
+def test_minimalist_writes_its_training_prompts_in_the_presets_kind():
+    assert erasure.load_preset("toy-circle").method_params("minimalist") == {"template_kind": "toy-shape"}
+    assert erasure.load_preset("style").method_params("minimalist")["template_kind"] == "style"
+    assert "template_kind" not in erasure.load_preset("style").method_params("uce")
