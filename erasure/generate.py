@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .apply import applied, restore, write_edit
 from .edit import Edit
 from .lru import LRU
-from .pipeline import model_identity
+from .pipeline import generation_batch, model_identity
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
@@ -32,7 +32,6 @@ SCHEDULERS = {
 }
 
 
-GENERATION_BATCH = 4  # images per pipeline call, always (see generate_pairs)
 
 
 class GenerationCancelled(Exception):
@@ -138,8 +137,8 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
                    should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
     """Images for an explicit list of (prompt, seed) pairs, in list order.
 
-    Every pipeline call renders exactly GENERATION_BATCH images (the last batch is filled with repeats of
-    its last pair, rendered and dropped), so each image is computed on the same shapes wherever it falls:
+    Every pipeline call renders exactly `generation_batch(pipe)` images (the last batch is filled with repeats
+    of its last pair, rendered and dropped), so each image is computed on the same shapes wherever it falls:
     an image is a function of (prompt, seed, settings) on a given device, not of what was rendered beside
     it (batches of 4 and of 2 drew pixels 1/255 apart)."""
     settings.check()
@@ -154,9 +153,10 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
         # Progress counts UNet iterations per image: some schedulers run more than `steps` (PNDM: one more).
         pipe.scheduler.set_timesteps(settings.steps)
         total = len(pairs) * len(pipe.scheduler.timesteps)
-        for start in range(0, len(pairs), GENERATION_BATCH):
-            batch = pairs[start:start + GENERATION_BATCH]
-            padded = batch + batch[-1:] * (GENERATION_BATCH - len(batch))
+        size = generation_batch(pipe)
+        for start in range(0, len(pairs), size):
+            batch = pairs[start:start + size]
+            padded = batch + batch[-1:] * (size - len(batch))
             swapped = []
 
             def step_end(pipeline, step, timestep, tensors):

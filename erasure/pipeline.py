@@ -105,14 +105,27 @@ def fingerprint(state: PipelineState, parameters) -> str:
     return h.hexdigest()
 
 
+GENERATION_BATCH = 4  # images per pipeline call (see generate.generate_pairs)
+TOY_GENERATION_BATCH = 16  # the toy world's 32-px images: twice as fast per image as 4 per call on a CPU
+
+
+def generation_batch(pipe) -> int:
+    """How many images every pipeline call renders for this model: fixed per model, so an image never depends
+    on what was rendered beside it."""
+    from .toy import TOY_MODEL
+
+    return TOY_GENERATION_BATCH if pipeline_state(pipe).model_id == TOY_MODEL else GENERATION_BATCH
+
+
 def model_identity(pipe) -> str:
     """What an original image depends on besides its prompt and settings: the model id, its dtype and
-    device type (fp16 on CUDA and fp32 on CPU draw different images), and the editable base weights."""
+    device type (fp16 on CUDA and fp32 on CPU draw different images), the editable base weights, and the
+    number of images per pipeline call (batches of 4 and of 2 drew pixels 1/255 apart)."""
     state = pipeline_state(pipe)
     with state.lock:
         digest = fingerprint(state, [f"{name}.weight" for name in state.modules])
     device = next(iter(state.parameters.values())).device.type
-    return f"{state.model_id}|{pipe.unet.dtype}|{device}|{digest[:16]}"
+    return f"{state.model_id}|{pipe.unet.dtype}|{device}|{digest[:16]}|batch{generation_batch(pipe)}"
 
 
 def default_device_and_dtype() -> tuple[str, torch.dtype]:
