@@ -345,7 +345,7 @@ def test_app_offers_both_methods_and_passes_their_parameters(pipe, untouched):
 
     assert {"scapre", "scapre-scale"} <= {method for method, _, _ in app.PARAM_KEYS}  # one Advanced field each
     studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_images=8))
-    session, _, _, _, path = studio.erase("Snoopy", "", "", "scapre-scale", [],
+    session, _, _, _, path, *_ = studio.erase("Snoopy", "", "", "scapre-scale", [],
                                           **{"scapre-scale_bures_iters": 1, "scapre_alpha_min": 0.9})
     edit = erasure.Edit.load(path)
     assert "SCAPRE-SCALE" in session[-1]["label"] and edit.method == "scapre-scale"
