@@ -137,7 +137,7 @@ class Studio:
     # -- training jobs ----------------------------------------------------------------------------------
     def _start_job(self, spec, targets, anchors, retain, given, owner: str):
         """Check everything a user can get wrong now (not minutes later in the job), then train in the background."""
-        spec.parse_params(given)
+        self.limits.check_training(spec.parse_params(given))
         validate_concepts(targets, anchors, retain, self.pipe.tokenizer, MAX_TARGETS)
         retain = retain if spec.uses_retain else []
         label = f"{spec.name.upper()}: {_short(', '.join(targets), 32)}"
@@ -159,7 +159,7 @@ class Studio:
         job = self.jobs.take(owner)
         if job is None:  # another poll took it a moment ago
             return (*[gr.skip()] * 6, *idle)
-        seconds = f"{time.monotonic() - job.started:.0f} s"
+        seconds = f"{(job.ended or time.monotonic()) - job.started:.0f} s"
         if job.state == "cancelled":
             return (*[gr.skip()] * 5, f"**{job.label}**: cancelled; nothing was kept.", *idle)
         if job.state == "failed":

@@ -20,6 +20,7 @@ class Limits:
     max_steps: int = 50
     max_side: int = 768
     max_edits: int = 3  # edits a session keeps, i.e. edited columns beside the original
+    max_train_iterations: int = 1000  # a trained method's steps (it holds the one training slot meanwhile)
 
     def check_concepts(self, targets: Sequence[str], retain: Sequence[str]) -> None:
         if len(targets) > self.max_targets:
@@ -37,6 +38,16 @@ class Limits:
         if max(settings.height, settings.width) > self.max_side:
             raise ValueError(f"{settings.height}x{settings.width} px exceeds this app's cap of {self.max_side} px "
                              f"per side")
+
+
+    def check_training(self, params) -> None:
+        """A trained method's parameters that bound its time and memory."""
+        iterations = getattr(params, "iterations", 0)
+        if iterations > self.max_train_iterations:
+            raise ValueError(f"{iterations} training iterations exceed this app's cap of {self.max_train_iterations}")
+        size = getattr(params, "train_size", 0)
+        if size > self.max_side:
+            raise ValueError(f"a training size of {size} px exceeds this app's cap of {self.max_side} px per side")
 
 
 def check_concept_counts(n_targets: int, n_retain: int, max_targets: int = MAX_TARGETS,

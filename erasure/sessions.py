@@ -93,6 +93,7 @@ class Job:
     total: int = 0
     loss: float = math.nan
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
     result: Any = None  # the edit, when done
     error: str = ""
 
@@ -118,6 +119,9 @@ class Jobs:
             if current is not None and not current.finished:
                 raise ValueError(f"this session is still training {current.label}; cancel it or wait for it "
                                  f"to finish before starting another")
+            if current is not None and current.state == "done":  # its edit has not reached the session yet
+                raise ValueError(f"{current.label} has just finished and its edit is being added; try again in a "
+                                 f"second")
             job = self._jobs[session] = Job(label)
         threading.Thread(target=self._run, args=(job, work), name=f"training {label}", daemon=True).start()
         return job
@@ -128,7 +132,11 @@ class Jobs:
         def on_step(done, total, loss):
             job.done, job.total, job.loss = done, total, loss
 
-        with self._slots:
+        while not self._slots.acquire(timeout=0.2):  # a job cancelled while it waits ends at once
+            if job.cancel.is_set():
+                job.ended, job.state = time.monotonic(), "cancelled"
+                return
+        try:
             if job.cancel.is_set():
                 job.state = "cancelled"
                 return
@@ -143,6 +151,9 @@ class Jobs:
             except Exception as error:  # a bug: the log gets the traceback, the user a short line
                 logging.getLogger(__name__).exception("training job %s failed", job.label)
                 job.error, job.state = f"{type(error).__name__}: {error}", "failed"
+        finally:
+            job.ended = job.ended or time.monotonic()
+            self._slots.release()
 
     def get(self, session: str) -> Job | None:
         with self._lock:

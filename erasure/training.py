@@ -44,20 +44,23 @@ class TrainingJob:
         from .generate import default_settings
         from .text import encode_texts
 
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise ValueError(f"trained methods support ε-prediction models; this one predicts {prediction!r}")
         settings = default_settings(pipe)
-        schedule = pipe.scheduler.alphas_cumprod.double()
-        final = 1.0 if pipe.scheduler.config.get("set_alpha_to_one", False) else float(schedule[0])
+        with pipeline_state(pipe).lock:  # a generation may have another sampler swapped in until it ends
+            config = dict(pipe.scheduler.config)
+            schedule = pipe.scheduler.alphas_cumprod.double()
+            unet = private_copy(pipe)
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"trained methods support ε-prediction models; this one predicts "
+                             f"{config['prediction_type']!r}")
+        final = 1.0 if config.get("set_alpha_to_one", False) else float(schedule[0])
         scale = pipe.vae_scale_factor
         shape = (pipe.unet.config.in_channels, settings.height // scale, settings.width // scale)
 
         def encode(texts):
             return torch.stack([e.rows for e in encode_texts(pipe, list(texts), full_length=True)])
 
-        return cls(private_copy(pipe), encode, dict(pipe.scheduler.config), schedule, final, len(schedule), shape,
-                   scale, settings.guidance, on_step, should_stop)
+        return cls(unet, encode, config, schedule, final, len(schedule), shape, scale, settings.guidance, on_step,
+                   should_stop)
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +80,11 @@ class TrainingJob:
             self.on_step(done, total, loss)
         if self.should_stop and self.should_stop():
             raise TrainingCancelled(f"training cancelled after {done} of {total} steps")
+
+    def check(self) -> None:
+        """Raises TrainingCancelled when the job was asked to stop (between steps of the preparation)."""
+        if self.should_stop and self.should_stop():
+            raise TrainingCancelled("training cancelled before its first step")
 
     def denoise(self, latents, timesteps, conditioning, overrides: dict[str, torch.Tensor] | None = None):
         """ε(x_t, t, c) of the frozen copy, with `overrides` (parameter name -> tensor, may require grad) in place
@@ -129,12 +137,16 @@ class TrainingJob:
 
 def private_copy(pipe) -> torch.nn.Module:
     """A frozen deep copy of the pipeline's UNet holding the base weights, taken under the lock (another
-    session may have an edit written into the shared parameters right now)."""
+    session may have an edit written into the shared parameters right now). An fp16 pipeline's copy is bf16:
+    fp16's range would flush the backward pass's small gradients to zero without loss scaling; bf16 has fp32's
+    range (the trained tensors themselves stay fp32)."""
     state = pipeline_state(pipe)
     with state.lock, torch.no_grad():
         unet = copy.deepcopy(pipe.unet)
         copied = dict(unet.named_parameters())
         for name, value in state.originals.items():
             copied[name].copy_(value)
+    if pipe.unet.dtype == torch.float16:
+        unet = unet.to(torch.bfloat16)
     unet.requires_grad_(False).eval()
     return unet

@@ -499,7 +499,7 @@ def poll_until_finished(client, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         compared, report, _, _, status, _ = client.predict(api_name="/poll_job")
-        if status and not re.search(r"step \d+ of|starting|waiting", status):
+        if isinstance(status, str) and status and not re.search(r"step \d+ of|starting|waiting", status):
             return compared, report, status
         time.sleep(0.3)
     raise AssertionError("the training job did not finish")
@@ -509,8 +509,6 @@ def test_a_training_job_runs_in_the_background_and_its_edit_joins_the_session(cl
     compared, _, _ = erase(client, "Snoopy", method="speed")
     _, report, _, _, status, _ = client.predict("cat", "", "", "esd-x", **ESD_FAST, api_name="/erase")
     assert "Training **ESD-X: cat** in the background" in report and "starting" in status
-    with pytest.raises(AppError, match="still training ESD-X: cat"):
-        client.predict("dog", "", "", "esd-x", **ESD_FAST, api_name="/erase")
     updated, report, status = poll_until_finished(client)
     assert re.fullmatch(r"\*\*ESD-X: cat\*\*: done in \d+ s \(final loss [-+.e\d]+\)\.", status), status
     assert updated["value"] == [*compared, "#2 ESD-X: cat"] and "esd-x" in report.lower()
@@ -518,7 +516,9 @@ def test_a_training_job_runs_in_the_background_and_its_edit_joins_the_session(cl
 
 def test_a_cancelled_training_job_leaves_no_edit(client, untouched):
     compared, _, _ = erase(client, "Snoopy", method="speed")
-    client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 5000}, api_name="/erase")
+    with pytest.raises(AppError, match="5000 training iterations exceed this app's cap of 1000"):
+        client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 5000}, api_name="/erase")
+    client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 1000}, api_name="/erase")
     deadline = time.monotonic() + 120
     while "step" not in client.predict(api_name="/poll_job")[4] and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -527,3 +527,11 @@ def test_a_cancelled_training_job_leaves_no_edit(client, untouched):
     assert status == "**ESD-X: cat**: cancelled; nothing was kept." and updated == {"__type__": "update"}  # skipped
     assert client.predict(api_name="/cancel_training") == "No training job is running in this session."
     assert len([e for e in erase(client, "Mickey", method="speed")[0]]) == len(compared) + 1
+
+
+def test_a_session_runs_one_training_job_at_a_time(client, untouched):
+    client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 1000}, api_name="/erase")
+    with pytest.raises(AppError, match="still training ESD-X: cat"):
+        client.predict("dog", "", "", "esd-x", **ESD_FAST, api_name="/erase")
+    assert client.predict(api_name="/cancel_training").startswith("Cancelling the training job")
+    assert poll_until_finished(client)[2] == "**ESD-X: cat**: cancelled; nothing was kept."

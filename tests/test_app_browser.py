@@ -368,7 +368,7 @@ def test_a_training_job_shows_progress_cancels_finishes_and_compares_while_anoth
 
     choose(page, "method", "esd-x")
     page.click("text=Advanced: method parameters")
-    for name, value in (("iterations", "5000"), ("trajectories", "2"), ("sample_steps", "3"),
+    for name, value in (("iterations", "1000"), ("trajectories", "2"), ("sample_steps", "3"),
                         ("train_size", "32")):
         set_number(page, f"esd-x-{name}", value)
     assert not page.is_enabled("#cancel-training")

@@ -6,7 +6,9 @@ cancelled, train on a private copy (other threads generate meanwhile) and never 
 Sizes are cut for the CPU (a few trajectories of 4 DDIM steps); the methods' defaults are in their modules.
 """
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from erasure.edit import Edit, module_of
 from erasure.generate import Settings, generate_images
 from erasure.methods import get_method
 from erasure.methods.esd import ESDParams, sample_scores, score_loss
+from erasure import training
 from erasure.training import TrainingCancelled, TrainingJob
 
 from conftest import assert_untouched
@@ -25,7 +28,7 @@ from conftest import assert_untouched
 ESD_FAST = dict(iterations=40, lr=5e-4, trajectories=4, sample_steps=6, batch=8, train_size=32)
 MINIMALIST_FAST = dict(iterations=24, lr=0.5, init=1.0, trajectory_steps=2, templates=2, train_size=32)
 # ESD-x: the held-out mean squared distance of ε(x_t, c) to the negatively guided target shrinks at least 3x
-# (measured 5.1x: 1.64e-4 -> 3.18e-5 on 24 held-out x_t).
+# (measured 4.5x: 1.62e-4 -> 3.60e-5 on 24 held-out x_t).
 HELD_OUT_SHRINK = 1 / 3
 
 
@@ -92,7 +95,7 @@ def test_minimalist_learns_exact_binary_masks_that_lower_the_erasure_loss_and_ke
     for key, patch in minimalist_edit.patches.items():
         assert patch.kind == ("input_mask" if key.endswith("ff.net.2.input_mask") else "output_mask")
         assert set(patch.value.unique().tolist()) <= {0.0, 1.0}
-    assert stats["sparsity"] == stats["units_off"] / stats["units"]
+    assert stats["units_off"] == sum(int((p.value == 0).sum()) for p in minimalist_edit.patches.values())
     assert stats["concept_loss"] < stats["concept_loss_all_on"]
     # Retain prompts' final latents move by at most 5% of their mean square (measured: well under 1%).
     assert stats["retain_relative_error"] <= 0.05
@@ -137,12 +140,22 @@ def test_trained_edits_are_bitwise_repeatable_whatever_is_applied_meanwhile(pipe
     assert first.fingerprint == again.fingerprint
 
 
-def test_a_cancelled_job_stops_and_leaves_nothing_behind(pipe, untouched):
+def test_a_cancelled_job_stops_and_leaves_nothing_behind(pipe, untouched, monkeypatch):
+    copies, make_copy = [], training.private_copy
+
+    def tracked_copy(pipe):
+        unet = make_copy(pipe)
+        copies.append(weakref.ref(unet))
+        return unet
+
+    monkeypatch.setattr(training, "private_copy", tracked_copy)
     steps = []
     with pytest.raises(TrainingCancelled):
         erasure.erase(pipe, "esd-x", ["cat"], [""], **ESD_FAST, on_step=lambda done, total, loss: steps.append(done),
                       should_stop=lambda: len(steps) >= 3)
     assert steps == [1, 2, 3]
+    gc.collect()
+    assert len(copies) == 1 and copies[0]() is None  # the job's private copy of the denoiser is gone
 
 
 def test_another_thread_generates_while_a_job_trains(pipe, untouched):

@@ -24,6 +24,7 @@ import torch
 
 from . import Method, param, register
 
+SEED_BASE = 20_000  # trajectory noise seeds start here: never the app's or the tests' seeds 0, 1, 2, ...
 FULL = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 STRICT = ("attn2.to_k", "attn2.to_v")
 
@@ -60,16 +61,17 @@ def sample_scores(job, targets, anchors, params: ESDParams, seed_offset: int = 0
     rows = dict(zip(texts, job.encode(texts)))
     latents, timesteps, concepts, goals = [], [], [], []
     for index, (target, anchor) in enumerate(zip(targets, anchors)):
-        seeds = [params.seed * 100_003 + seed_offset + index * params.trajectories + k
+        seeds = [SEED_BASE + params.seed * 100_003 + seed_offset + index * params.trajectories + k
                  for k in range(params.trajectories)]
         x = job.noise(seeds, params.train_size)
         count = len(x)
         conditioning = torch.stack([rows[""], rows[target], rows[anchor]]).repeat_interleave(count, 0)
         for t, previous in job.ddim_timesteps(params.sample_steps):
             empty, concept, anchored = job.denoise(torch.cat([x, x, x]), t, conditioning).chunk(3)
+            job.check()
             latents.append(x)
-            timesteps.append(torch.full((count,), t))
-            concepts.append(torch.full((count,), index))
+            timesteps.append(torch.full((count,), t, device=job.device))
+            concepts.append(torch.full((count,), index, device=job.device))
             goals.append(anchored - params.eta * (concept - anchored))
             x = job.ddim_step(x, empty + params.sample_guidance * (concept - empty), t, previous)
     return ScoreCache(torch.cat(latents), torch.cat(timesteps), torch.cat(concepts), torch.cat(goals),
@@ -81,7 +83,7 @@ def trainable_names(job, modules) -> list[str]:
 
 
 def score_loss(job, cache: ScoreCache, index: torch.Tensor, overrides) -> torch.Tensor:
-    prediction = job.denoise(cache.latents[index], cache.timesteps[index].to(job.device),
+    prediction = job.denoise(cache.latents[index], cache.timesteps[index],
                              cache.concept_conditioning[cache.concept[index]], overrides)
     return torch.nn.functional.mse_loss(prediction, cache.goal[index])
 

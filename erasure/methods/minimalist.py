@@ -42,7 +42,7 @@ class MinimalistParams:
     init: float = param(2.0, "initial logit λ of every unit (σ(2) = 0.88: every unit starts on)", min=-20.0,
                         max=20.0)
     beta: float = param(1.0, "β, weight of the retain reconstruction loss (> 0)", min=1e-6, max=1000.0)
-    trajectory_steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=1, max=50)
+    trajectory_steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=2, max=50)
     units: str = param("ff+v", "which units get masks: FF neurons, cross-attention value channels, or both",
                        choices=list(MODULES))
     template_kind: str = param("object", "prompt templates the concepts are written into (a preset's kind)",
@@ -119,8 +119,12 @@ def build_samples(job, concepts, params: MinimalistParams) -> Samples:
     noise = job.noise(seeds, params.train_size)
     prompts = job.encode([p for p, _, _ in pairs])
     goal_prompts = job.encode([g for _, g, _ in pairs])
-    goals = torch.cat([trajectory(job, Samples(goal_prompts[i:i + 8], noise[i:i + 8], noise[i:i + 8], None),
-                                  slice(None), None, params.trajectory_steps) for i in range(0, len(pairs), 8)])
+    goals = []
+    for i in range(0, len(pairs), 8):
+        job.check()
+        goals.append(trajectory(job, Samples(goal_prompts[i:i + 8], noise[i:i + 8], noise[i:i + 8], None),
+                                slice(None), None, params.trajectory_steps))
+    goals = torch.cat(goals)
     return Samples(prompts, noise, goals, torch.tensor([r for _, _, r in pairs]))
 
 
@@ -175,6 +179,9 @@ def train_minimalist(job, concepts, params: MinimalistParams):
              "retain_relative_error": (float((after[samples.retain] / retain_scale).mean())
                                        if retain_scale is not None else 0.0),
              "loss_first": sum(losses[:10]) / len(losses[:10]), "loss_last": sum(losses[-10:]) / len(losses[-10:])}
+    if not stats["units_off"]:
+        raise ValueError(f"minimalist switched no unit off in {params.iterations} steps (every mask is 1): give it "
+                         f"more iterations, a higher lr or a lower init")
     # An all-ones mask changes nothing: leave it out of the edit.
     patches = {f"{name}.{mask_kind(name)}": Patch(mask_kind(name), mask.cpu())
                for name, mask in binary.items() if bool((mask == 0).any())}
