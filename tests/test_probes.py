@@ -1,0 +1,76 @@
+"""Probe mechanics on the tiny random-weight pipeline (64 px, 3 DDIM steps): diffusion completion's ends are
+the edited and the original generations, the noisy DDIM sampler is plain DDIM at η = 0 and at η = 1 with
+v = 1, and the diagnostic's original and edited curves come from the same noised latents."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import erasure
+from erasure import probes
+from erasure.edit import Edit, Patch
+from erasure.generate import Settings, generate_images
+from erasure.pipeline import original_parameter, pipeline_state
+
+SETTINGS = Settings(steps=3, guidance=7.5, height=64, width=64, scheduler="ddim")
+
+
+@pytest.fixture(scope="module")
+def edit(pipe):
+    return erasure.erase(pipe, "uce", ["cat"], [""], ["dog"])
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_diffusion_completion_runs_from_the_edited_to_the_original_model(pipe, edit, untouched):
+    result = probes.diffusion_completion(pipe, edit, ["a photo of a cat"], [0, 1], SETTINGS, ks=(0, 1, 3))
+    assert result.variants == ["k=0", "k=1", "k=3"] * 2 and result.per_sample == 1
+    edited = generate_images(pipe, ["a photo of a cat"], [0, 1], SETTINGS, edit)
+    original = generate_images(pipe, ["a photo of a cat"], [0, 1], SETTINGS)
+    for i in range(2):
+        k0, k1, k3 = result.images[3 * i: 3 * i + 3]
+        assert np.array_equal(pixels(k0), pixels(edited[i])) and np.array_equal(pixels(k3), pixels(original[i]))
+        assert not np.array_equal(pixels(k1), pixels(edited[i]))  # k = 1 is neither end
+    assert not np.array_equal(pixels(edited[0]), pixels(original[0]))
+
+
+def stock_ddim(pipe, prompt, seed, eta):
+    current = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(current.config)
+    try:
+        return pipe(prompt, num_inference_steps=SETTINGS.steps, guidance_scale=SETTINGS.guidance, height=64,
+                    width=64, eta=eta, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    finally:
+        pipe.scheduler = current
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_the_noisy_sampler_is_plain_ddim_at_multiplier_one_for_eta_up_to_one(pipe, untouched, eta):
+    noisy = probes.noisy_image(pipe, None, "a photo of a cat", 3, SETTINGS, eta, 1.0)
+    assert np.array_equal(pixels(noisy), pixels(stock_ddim(pipe, "a photo of a cat", 3, eta)))
+
+
+def test_the_noise_based_probe_varies_only_eta_and_v_from_one_initial_latent(pipe, edit, untouched):
+    result = probes.noise_based(pipe, edit, ["a photo of a cat"], [0], SETTINGS, etas=(0.0, 1.5),
+                                multipliers=(1.0, 1.05))
+    assert result.per_sample == 4
+    assert result.variants == ["eta=0 v=1", "eta=0 v=1.05", "eta=1.5 v=1", "eta=1.5 v=1.05"]
+    first, no_noise_v, *noisy = [pixels(image) for image in result.images]
+    assert np.array_equal(first, no_noise_v)  # at η = 0 there is no noise for v to scale
+    assert not np.array_equal(noisy[0], noisy[1]) and not np.array_equal(first, noisy[0])
+    assert all(np.isfinite(image).all() for image in noisy)  # η > 1: the root of |1 − ᾱ − σ²| stays real
+
+
+def test_the_diagnostic_compares_both_models_on_the_same_noised_latents(pipe, edit, untouched):
+    state = pipeline_state(pipe)
+    base = {key: Patch("tensor", original_parameter(state, key).clone()) for key in edit.patches}
+    unchanged = Edit(base, "uce", edit.params, ["cat"], [""], ["dog"], edit.model_id, "")
+    same = probes.diagnostic(pipe, unchanged, "a photo of a cat", [0, 1], SETTINGS, timesteps=(200, 800))
+    assert same.target_edited == same.target_original and same.empty_edited == same.empty_original
+    moved = probes.diagnostic(pipe, edit, "a photo of a cat", [0, 1], SETTINGS, timesteps=(200, 800))
+    assert moved.target_original == same.target_original  # the same latents and noise, whatever the edit
+    assert moved.target_edited != moved.target_original
+    assert moved.verdict().startswith(("avoidance", "destruction"))
