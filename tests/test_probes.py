@@ -74,3 +74,23 @@ def test_the_diagnostic_compares_both_models_on_the_same_noised_latents(pipe, ed
     assert moved.target_original == same.target_original  # the same latents and noise, whatever the edit
     assert moved.target_edited != moved.target_original
     assert moved.verdict().startswith(("avoidance", "destruction"))
+
+
+def test_on_the_toy_world_diffusion_completion_brings_back_circles_a_uce_edit_erased():
+    """The paper's central finding, counted by the toy world's judge: after UCE erases "circle", letting the
+    original model take the first 5 of 20 DDIM steps recovers the circle far more often than the standard
+    prompt does (measured: 25% -> 62% of 32 images; 4 templates x seeds 0-7)."""
+    from erasure.generate import default_settings
+    from erasure.presets import load_preset, prompt_templates
+    from erasure.toy import load_judge
+
+    toy = erasure.load_pipeline("toy", device="cpu")
+    preset = load_preset("toy-circle")
+    edit = erasure.erase(toy, "uce", preset.targets, preset.anchors, preset.retain)
+    prompts = [form.format("circle") for form in prompt_templates("toy-shape", full=True)[:4]]
+    settings = default_settings(toy)
+    judge = load_judge()
+    standard = judge(probes.standard(toy, edit, prompts, range(8), settings).images).finds("circle").mean()
+    completed = probes.diffusion_completion(toy, edit, prompts, range(8), settings, ks=(5,))
+    recovered = judge(completed.images).finds("circle").mean()
+    assert len(completed.images) == 32 and recovered >= standard + 0.2, (standard, recovered)
