@@ -76,6 +76,36 @@ def cmd_bench(args) -> None:
               repeats=args.repeats)
 
 
+def cmd_probe(args) -> None:
+    import json
+    from pathlib import Path
+
+    import erasure
+    from .presets import prompt_templates
+    from .probes import PROBES, Judge, probe_sheet, run_probes
+
+    pipe = erasure.load_pipeline(args.model, device=args.device)
+    edit = erasure.Edit.load(args.edit)
+    erasure.check_applicable(pipe, edit)
+    kind = args.kind or ("toy-shape" if str(args.model) == "toy" else "object")
+    prompts = args.prompt or [form.format(edit.targets[0]) for form in prompt_templates(kind)]
+    names = list(PROBES) if "all" in args.probes else list(dict.fromkeys(args.probes))
+    settings = settings_from_args(pipe, args)
+    report, rendered = run_probes(pipe, edit, names, prompts, args.seeds, settings, Judge(pipe, edit, kind))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probes.json").write_text(json.dumps(report, indent=2), "utf-8")
+    if rendered:
+        probe_sheet(rendered).save(out / "probes.png")
+    for name, result in report["probes"].items():
+        if "recovery_rate" in result:
+            print(f"{name}: recovered in {result['recovery_rate']:.0%} of {result['images']} images "
+                  f"(best of N = {result['N']}: {result['best_of_N_rate']:.0%})")
+        else:
+            print(f"{name}: {result['verdict']}")
+    print(f"-> {out / 'probes.json'}" + (f", {out / 'probes.png'}" if rendered else ""))
+
+
 def add_evaluate_parser(commands) -> None:
     parser = commands.add_parser(
         "evaluate", help="generate prompt sets with the original and edited model; CLIP, accuracy, FID/KID, "
@@ -144,6 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
 
     add_evaluate_parser(commands)
+
+    from .probes import PROBES
+
+    probe = commands.add_parser("probe", help="is the concept really gone? run probes on an edit (JSON + image sheet)")
+    add_model_arguments(probe)
+    probe.add_argument("--edit", required=True, help="an edit .safetensors file")
+    probe.add_argument("--probes", nargs="+", default=["all"], choices=[*PROBES, "all"],
+                       help="which probes (default all)")
+    probe.add_argument("--prompt", nargs="+", default=None,
+                       help="target prompts (default: the kind's interactive templates with the edit's first target)")
+    probe.add_argument("--kind", default=None, choices=list(KINDS), help="prompt templates (default object; toy-shape "
+                                                                         "on the toy world)")
+    probe.add_argument("--seeds", nargs="+", type=seed, default=[0, 1, 2, 3], help="seeds (default 0 1 2 3)")
+    add_generation_arguments(probe)
+    probe.add_argument("--out", required=True, help="output folder")
+    probe.set_defaults(run=cmd_probe)
 
     return parser
 

@@ -1,5 +1,7 @@
 """`python -m erasure erase | generate` on the tiny model, run in-process through cli.main."""
 
+import json
+import os
 import re
 
 import pytest
@@ -102,3 +104,25 @@ def test_the_trained_bench_counts_each_runs_unet_passes_and_projects_from_their_
     assert minimalist["rows"]["masked forward+backward"] == 60 * 2 * 4 * 2
     for row in rows:
         assert row["tflop"] > 0 and row["projected_h100_s"] == pytest.approx(row["tflop"] / ASSUMED_H100_TFLOPS)
+
+
+def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path, capsys):
+    edit_path = tmp_path / "uce.safetensors"
+    assert main(["erase", "--model", "toy", "--method", "uce", "--preset", "toy-circle", "--out", str(edit_path)]) == 0
+    out = tmp_path / "probes"
+    assert main(["probe", "--model", "toy", "--edit", str(edit_path), "--probes", "all", "--seeds", "0",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "probes.json").read_text())
+    assert report["judge"] == "toy judge" and report["seeds"] == [0]
+    assert report["prompts"] == ["a circle", "a red circle"]
+    assert set(report["probes"]) == {"standard", "completion", "noise", "diagnostic"}
+    noise = report["probes"]["noise"]
+    assert noise["N"] == 6 and noise["images"] == 2 * 6 and 0 <= noise["recovery_rate"] <= noise["best_of_N_rate"]
+    assert set(report["probes"]["completion"]["by_variant"]) == {"k=1", "k=2", "k=3", "k=5"}
+    assert report["probes"]["diagnostic"]["verdict"].startswith(("avoidance", "destruction"))
+    assert "noise: recovered in" in printed and "(best of N = 6:" in printed
+    sheet = Image.open(out / "probes.png")
+    if os.environ.get("PROBE_SHEET_TO"):
+        sheet.save(os.environ["PROBE_SHEET_TO"])
+    assert sheet.width > 11 * 128  # standard + 4 completion + 6 noise columns

@@ -187,3 +187,83 @@ def original_latents(pipe, prompt: str, seeds: Sequence[int], settings: Settings
                             height=settings.height, width=settings.width, output_type="latent",
                             generator=torch.Generator("cpu").manual_seed(int(seed))).images[0])
     return torch.stack(out).float()
+
+
+PROBES = ("standard", "completion", "noise", "diagnostic")
+
+
+class Judge:
+    """Which images show the target: the toy world's classifier on `toy`, else CLIP zero-shot of the target
+    against the edit's anchors and retain concepts and a generic photo (the first class wins = recovered)."""
+
+    def __init__(self, pipe, edit, kind: str):
+        from ..pipeline import pipeline_state
+        from ..toy import TOY_MODEL
+
+        self.target = edit.targets[0]
+        self.toy = pipeline_state(pipe).model_id == TOY_MODEL
+        if self.toy:
+            from ..toy import load_judge
+
+            self.judge, self.name = load_judge(), "toy judge"
+            return
+        from ..presets import concept_text
+        from ..scoring import load_clip_scorer
+
+        self.scorer = load_clip_scorer()
+        others = list(dict.fromkeys(c for c in [*edit.anchors, *edit.retain[:9]] if c and c != self.target))
+        texts = [concept_text(kind, c) for c in [self.target, *others]] + ["a photo"]
+        self.classes = self.scorer.text_features(texts)
+        self.name = f"CLIP {self.scorer.backbone} zero-shot: {self.target!r} vs {len(texts) - 1} other texts"
+
+    def __call__(self, images) -> "np.ndarray":
+        import numpy as np
+
+        from ..scoring import zero_shot_predictions
+
+        if self.toy:
+            return np.asarray(self.judge(images).finds(self.target))
+        return zero_shot_predictions(self.scorer.image_features(images), self.classes) == 0
+
+
+def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+               judge) -> tuple[dict, list[ProbeImages]]:
+    """Every named probe on `edit`: a JSON-ready report (recovery rates with N, seeds and settings) and the
+    images, for a sheet."""
+    import numpy as np
+
+    report = {"target": edit.targets[0], "method": edit.method, "judge": judge.name, "prompts": list(prompts),
+              "seeds": [int(s) for s in seeds], "steps": settings.steps, "guidance": settings.guidance,
+              "probes": {}}
+    rendered = []
+    for name in names:
+        if name == "diagnostic":
+            result = diagnostic(pipe, edit, prompts[0], seeds, settings)
+            report["probes"][name] = {**vars(result), "prompt": prompts[0], "verdict": result.verdict()}
+            continue
+        probe = {"standard": standard, "completion": diffusion_completion, "noise": noise_based}[name]
+        images = probe(pipe, edit, prompts, seeds, settings)
+        seen = judge(images.images)
+        by_variant = {v: float(seen[[x == v for x in images.variants]].mean()) for v in dict.fromkeys(images.variants)}
+        best_of_n = np.asarray(seen).reshape(-1, images.per_sample).any(1)
+        report["probes"][name] = {"images": len(images.images), "N": images.per_sample,
+                                  "recovery_rate": float(seen.mean()), "best_of_N_rate": float(best_of_n.mean()),
+                                  "by_variant": by_variant, "settings": images.settings}
+        rendered.append(images)
+    return report, rendered
+
+
+def probe_sheet(rendered: Sequence[ProbeImages], cell: int = 128):
+    """One row per (prompt, seed), one column per probe variant."""
+    from ..generate import comparison_grid
+
+    columns, titles = [], []
+    first = rendered[0]
+    rows = list(dict.fromkeys(zip(first.prompts, first.seeds)))
+    for images in rendered:
+        for variant in dict.fromkeys(images.variants):
+            picked = {(p, s): im for im, v, p, s in zip(images.images, images.variants, images.prompts, images.seeds)
+                      if v == variant}
+            columns.append([picked[row] for row in rows])
+            titles.append(variant if images.probe != "standard" else "standard")
+    return comparison_grid([f"{p} · seed {s}" for p, s in rows], titles, columns, cell=cell)
