@@ -114,6 +114,12 @@ def param(default, help: str, **limits):
     return dataclasses.field(default=default, metadata={"help": help, **limits})
 
 
+def train_size_param():
+    """The image size a trained method trains at (a parameter of each)."""
+    return param(0, "image side in pixels training samples at (0: the model's native size, 512 on SD-1.x)", min=0,
+                 max=2048)
+
+
 METHODS: dict[str, Method] = {}
 
 

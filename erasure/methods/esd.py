@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, param, register
+from . import Method, param, register, train_size_param
 
 SEED_BASE = 20_000  # trajectory noise seeds start here: never the app's or the tests' seeds 0, 1, 2, ...
 FULL = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -38,8 +38,7 @@ class ESDParams:
     trajectories: int = param(8, "frozen-model trajectories sampled once per target", min=1, max=64)
     sample_steps: int = param(25, "DDIM steps of each trajectory: every step's x_t is cached", min=2, max=200)
     sample_guidance: float = param(3.0, "classifier-free guidance of the trajectories", min=0.0, max=50.0)
-    train_size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on "
-                                  "SD-1.x)", min=0, max=2048)
+    train_size: int = train_size_param()
     seed: int = param(0, "seeds the trajectories' noise and the batch draws: same seed, bitwise same edit", min=0)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..presets import KINDS, prompt_templates
-from . import Method, param, register
+from . import Method, param, register, train_size_param
 
 TEMPERATURE = 2 / 3
 NOISE_EPS = 0.5  # u + 0.5 and 1.5 - u: logistic noise in about ±1.1 (the reference's masking_eps)
@@ -46,10 +46,9 @@ class MinimalistParams:
     units: str = param("ff+v", "which units get masks: FF neurons, cross-attention value channels, or both",
                        choices=list(MODULES))
     template_kind: str = param("object", "prompt templates the concepts are written into (a preset's kind)",
-                      choices=list(KINDS))
+                               choices=list(KINDS))
     templates: int = param(4, "prompt templates per concept", min=1, max=50)
-    train_size: int = param(0, "image side in pixels training samples at (0: the model's native size, 512 on "
-                                  "SD-1.x)", min=0, max=2048)
+    train_size: int = train_size_param()
     seed: int = param(0, "seeds the noise of every sample and the mask draws: same seed, bitwise same edit", min=0)
 
 
