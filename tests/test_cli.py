@@ -116,7 +116,7 @@ def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path
     report = json.loads((out / "probes.json").read_text())
     assert report["judge"] == "toy judge" and report["seeds"] == [0]
     assert report["prompts"] == ["a circle", "a red circle"]
-    assert set(report["probes"]) == {"standard", "completion", "noise", "diagnostic"}
+    assert set(report["probes"]) == {"standard", "inpainting", "completion", "noise", "diagnostic"}
     noise = report["probes"]["noise"]
     assert noise["N"] == 6 and noise["images"] == 2 * 6 and 0 <= noise["recovery_rate"] <= noise["best_of_N_rate"]
     assert set(report["probes"]["completion"]["by_variant"]) == {"k=1", "k=2", "k=3", "k=5"}
@@ -125,4 +125,4 @@ def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path
     sheet = Image.open(out / "probes.png")
     if os.environ.get("PROBE_SHEET_TO"):
         sheet.save(os.environ["PROBE_SHEET_TO"])
-    assert sheet.width > 11 * 128  # standard + 4 completion + 6 noise columns
+    assert sheet.width > 12 * 128  # standard + inpainting + 4 completion + 6 noise columns

@@ -94,3 +94,19 @@ def test_on_the_toy_world_diffusion_completion_brings_back_circles_a_uce_edit_er
     completed = probes.diffusion_completion(toy, edit, prompts, range(8), settings, ks=(5,))
     recovered = judge(completed.images).finds("circle").mean()
     assert len(completed.images) == 32 and recovered >= standard + 0.2, (standard, recovered)
+
+
+def test_inpainting_repaints_only_the_masked_square_and_keeps_the_context_outside(pipe, edit, untouched):
+    """Final latents of two different repaintings (edited and original model) of the same context and seed:
+    equal outside the mask (the context's latents are re-imposed there), different inside."""
+    context = generate_images(pipe, ["a photo of a cat"], [5], SETTINGS)[0]
+    edited, original = [], []
+    probes.inpainting(pipe, edit, ["a photo of a cat"], [0], SETTINGS, context=context, keep=edited)
+    probes.inpainting(pipe, None, ["a photo of a cat"], [0], SETTINGS, context=context, keep=original)
+    inside = torch.zeros(edited[0].shape[-2:], dtype=torch.bool)
+    side = inside.shape[0]  # 64 px -> 32 latent cells (the tiny VAE scales by 2): the centre 16 x 16
+    inside[side // 4: side - side // 4, side // 4: side - side // 4] = True
+    assert torch.equal(edited[0][:, ~inside], original[0][:, ~inside])
+    assert not torch.equal(edited[0][:, inside], original[0][:, inside])
+    result = probes.inpainting(pipe, edit, ["a photo of a cat"], [0, 1], SETTINGS)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
