@@ -102,7 +102,7 @@ def test_the_toy_clip_tells_shapes_and_colours_apart_zero_shot():
     classes = scorer.class_features(list(SHAPES), ["a {}", "a {} on a black background"])
     predicted = zero_shot_predictions(scorer.image_features([render(s) for s in held_out]), classes)
     truth = np.array([SHAPES.index(s.things[0].shape) for s in held_out])
-    assert (predicted == truth).mean() >= 0.7  # 75% measured; chance is 12.5%
+    assert (predicted == truth).mean() >= 0.7  # 78% measured; chance is 12.5%
     colours = scorer.class_features(list(COLOURS), ["a {} shape"])
     predicted = zero_shot_predictions(scorer.image_features([render(s) for s in held_out]), colours)
     assert (predicted == np.array([list(COLOURS).index(s.things[0].colour) for s in held_out])).mean() >= 0.95
