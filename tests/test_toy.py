@@ -58,8 +58,8 @@ def test_the_model_draws_its_world(toy):
 # - At its reference defaults `scapre` shrinks the target's keys and values (the MI mask scales only the guided
 #   values) instead of moving them onto the anchor's, and the toy model still draws the circle (97% -> 95%);
 #   `scapre-scale` removes it (98% -> 9%) but wrecks the other shapes (heart -94 points).
-# - ESD-x and ESD-x-strict (trained on the bare prompt "circle") stop only half of the circles (98% -> 44%, 50%)
-#   and take squares with them (-25 points): the toy text encoder has no token mixing, so the padding rows ESD's
+# - ESD-x and ESD-x-strict (trained on the bare prompt "circle") stop only half of the circles (98% -> 45%, 50%)
+#   and take squares with them (-31, -25 points): the toy text encoder has no token mixing, so the padding rows ESD's
 #   loss also trains are the same rows in every prompt; in CLIP they carry the prompt.
 # - Minimalist at its defaults (60 steps) stops few circles (98% -> 75%); 150 steps at lr 0.5 reach 41% with 22%
 #   of units off and square -25 points: on a 4M-parameter model few units are the circle's alone.
