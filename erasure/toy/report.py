@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
 from .. import erase, load_pipeline
-from ..generate import OriginalCache
+from ..generate import OriginalCache, Settings
 from ..methods import METHODS, get_method
 from ..presets import load_preset, presets
+from . import TOY_GUIDANCE, TOY_SCHEDULER, TOY_STEPS, toy_pipeline
 from .measure import concept_rates, drawing_quality
 
 
@@ -32,13 +34,17 @@ def main(argv=None) -> None:
                         help="seeds per erased concept's prompt (default 16: the anchor \"shape\" itself draws the "
                              "target 1 time in 8)")
     parser.add_argument("--templates", type=int, default=4, help="prompt templates per concept (default 4)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a folder `python -m erasure.toy.train --out` wrote (default: the shipped weights); "
+                             "measured with the shipped judge, so a retrained world is compared on one yardstick")
     args = parser.parse_args(argv)
 
-    pipe = load_pipeline("toy", device="cpu")
+    pipe = toy_pipeline(args.weights) if args.weights else load_pipeline("toy", device="cpu")
+    settings = Settings(TOY_STEPS, TOY_GUIDANCE, 32, 32, TOY_SCHEDULER)
     seeds = list(range(args.seeds))
     cache = OriginalCache(max_images=4096)
     started = time.time()
-    quality = drawing_quality(pipe, [0, 1])
+    quality = drawing_quality(pipe, [0, 1], settings)
     print(f"## Base model ({quality.images} images: \"a {{colour}} {{shape}}\", 8 shapes x 6 colours x "
           f"{quality.seeds} seeds, {time.time() - started:.0f} s)\n")
     print("| judged | share |\n|---|---|")
@@ -58,7 +64,7 @@ def main(argv=None) -> None:
         retain = preset.retain if get_method(method).uses_retain else ()
         edit = erase(pipe, method, preset.targets, preset.anchors, retain, **preset.method_params(method))
         rates = concept_rates(pipe, edit, preset.targets, preset.retain, preset.kind, seeds, args.templates,
-                              cache=cache, erased_seeds=range(args.erased_seeds))
+                              settings, cache=cache, erased_seeds=range(args.erased_seeds))
         erased = [r for r in rates if r.role == "erased"]
         kept = [r for r in rates if r.role == "kept"]
         worst = max(kept, key=lambda r: abs(r.edited - r.original))
