@@ -32,8 +32,6 @@ SCHEDULERS = {
 }
 
 
-
-
 class GenerationCancelled(Exception):
     """Raised when `should_stop` asked a generation to stop; the weights are restored as on any exit."""
 
@@ -149,7 +147,7 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
     done = 0
     images: list[Image.Image] = []
     # The lock is held throughout (applied), so swapping the edit in between steps races with no one.
-    with applied(pipe, edit if edit_from_step == 0 else None), _scheduler(pipe, settings.scheduler):
+    with applied(pipe, edit if edit_from_step == 0 else None), swapped_scheduler(pipe, settings.scheduler):
         # Progress counts UNet iterations per image: some schedulers run more than `steps` (PNDM: one more).
         pipe.scheduler.set_timesteps(settings.steps)
         total = len(pairs) * len(pipe.scheduler.timesteps)
@@ -201,13 +199,16 @@ def originals(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sett
 
 
 @contextmanager
-def _scheduler(pipe, name: str) -> Iterator[None]:
-    """Swap in the named scheduler (built from the pipeline's own config) for one generation."""
+def swapped_scheduler(pipe, scheduler) -> Iterator[None]:
+    """Swap in a scheduler for one generation: a name from SCHEDULERS (built from the pipeline's own config),
+    or a scheduler object (a probe's own sampler). Hold the pipeline's lock: the scheduler is shared."""
     import diffusers
 
     current = pipe.scheduler
-    if type(current).__name__ != SCHEDULERS[name]:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(current.config)
+    if not isinstance(scheduler, str):
+        pipe.scheduler = scheduler
+    elif type(current).__name__ != SCHEDULERS[scheduler]:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(current.config)
     try:
         yield
     finally:

@@ -22,9 +22,8 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from ..apply import applied, effective_parameters
+from ..apply import applied
 from ..generate import Settings, generate_images
-from ..pipeline import pipeline_state
 
 
 @dataclass
@@ -79,7 +78,7 @@ def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], setting
     every step). `keep` collects the final latents, for tests."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from ..generate import _scheduler
+    from ..generate import swapped_scheduler
 
     mask = mask or centre_mask(settings.width, settings.height)
     contexts = [context] * (len(prompts) * len(seeds)) if context else generate_images(pipe, prompts, seeds, settings)
@@ -87,7 +86,7 @@ def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], setting
     painter = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
     painter.set_progress_bar_config(disable=True)
     images, texts, seed_list = [], [], []
-    with applied(pipe, edit), _scheduler(pipe, settings.scheduler):  # the painter shares the UNet module
+    with applied(pipe, edit), swapped_scheduler(pipe, settings.scheduler):  # the painter shares the UNet module
         painter.scheduler = pipe.scheduler
         pairs = [(p, int(s)) for p in prompts for s in seeds]
         for (prompt, seed), image in zip(pairs, contexts):
@@ -161,17 +160,14 @@ def noise_based(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settin
 
 def noisy_image(pipe, edit, prompt: str, seed: int, settings: Settings, eta: float, multiplier: float) -> Image.Image:
     """One image with the noisy DDIM sampler; the same seed gives the same initial latent and noise stream."""
+    from ..generate import swapped_scheduler
+
     scheduler = NoisyDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.noise_multiplier = multiplier
-    with applied(pipe, edit):
-        current = pipe.scheduler
-        pipe.scheduler = scheduler
-        try:
-            return pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                        height=settings.height, width=settings.width, eta=eta,
-                        generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-        finally:
-            pipe.scheduler = current
+    with applied(pipe, edit), swapped_scheduler(pipe, scheduler):
+        return pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                    height=settings.height, width=settings.width, eta=eta,
+                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
 @dataclass
@@ -200,25 +196,24 @@ class Diagnostic:
 @torch.no_grad()
 def diagnostic(pipe, edit, prompt: str, seeds: Sequence[int], settings: Settings,
                timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> Diagnostic:
-    from ..training import TrainingJob
+    from ..text import encode_texts
 
-    job = TrainingJob.for_pipeline(pipe)
     latents = original_latents(pipe, prompt, seeds, settings)
-    conditioning = job.encode([prompt, ""])
+    conditioning = torch.stack([e.rows for e in encode_texts(pipe, [prompt, ""], full_length=True)])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(10_000 + int(s)))
                          for s in seeds]).to(latents.device)
-    state = pipeline_state(pipe)
-    with state.lock:  # the edit's parameters (masks folded into weights), as overrides of the frozen copy
-        weights = {name: value.clone() for name, value in effective_parameters(state, edit).items()}
+    alphas = pipe.scheduler.alphas_cumprod
+    unet = pipe.unet
     curves = {name: [] for name in ("target_original", "target_edited", "empty_original", "empty_edited")}
     for t in timesteps:
-        alpha = float(job.alphas_cumprod[t])
-        noisy = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise  # the same noised latents for all four
-        for row, which in ((0, "target"), (1, "empty")):
-            context = conditioning[row:row + 1].expand(len(noisy), -1, -1)
-            for model, overrides in (("original", None), ("edited", weights)):
-                error = (job.denoise(noisy, t, context, overrides) - noise).square().mean()
-                curves[f"{which}_{model}"].append(float(error))
+        alpha = float(alphas[t])
+        noisy = (alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise).to(unet.dtype)  # the same for all four
+        for model, written in (("original", None), ("edited", edit)):
+            with applied(pipe, written):
+                for row, which in ((0, "target"), (1, "empty")):
+                    context = conditioning[row:row + 1].expand(len(noisy), -1, -1).to(unet.dtype)
+                    predicted = unet(noisy, t, encoder_hidden_states=context).sample.float()
+                    curves[f"{which}_{model}"].append(float((predicted - noise).square().mean()))
     return Diagnostic(list(timesteps), **curves)
 
 
