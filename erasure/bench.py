@@ -11,7 +11,7 @@ import time
 import torch
 
 from .compute import erase
-from .methods import METHODS
+from .methods import METHODS, closed_forms
 from .methods.speed import LEAST_GAIN_CACHE
 from .pipeline import load_pipeline, pipeline_state
 from .presets import load_preset
@@ -21,11 +21,6 @@ def _peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def closed_forms() -> list[str]:
-    """The methods `run_bench` times (trained ones have `run_train_bench`)."""
-    return sorted(name for name, method in METHODS.items() if not method.trains)
 
 
 def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=None, json_path=None,

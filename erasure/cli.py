@@ -10,7 +10,7 @@ from pathlib import Path
 from .arguments import (add_concept_arguments, add_generation_arguments, add_model_arguments, concepts_and_params,
                         seed, settings_from_args)
 from .evaluate import cmd_evaluate
-from .methods import METHODS
+from .methods import closed_forms
 from .pipeline import ModelLoadError
 from .presets import KINDS
 from .scoring import ScorerLoadError
@@ -162,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100],
                        help="numbers of target concepts to time (default 1 10 100)")
-    closed = sorted(name for name, method in METHODS.items() if not method.trains)
-    bench.add_argument("--methods", nargs="+", default=closed, choices=closed,
+    bench.add_argument("--methods", nargs="+", default=closed_forms(), choices=closed_forms(),
                        help="closed-form methods to time (default: all; --trained times the trained ones)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the table shows medians")
     bench.add_argument("--json", default=None, help="also write the results here")

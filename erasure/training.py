@@ -10,8 +10,7 @@ a job trains. A method trains its own tensors and passes them to `denoise` as pa
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +36,6 @@ class TrainingJob:
     guidance: float  # the model's default classifier-free guidance (for trajectories a method samples)
     on_step: Callable[[int, int, float], None] | None = None  # (done, total, loss)
     should_stop: Callable[[], bool] | None = None
-    started: float = field(default_factory=time.perf_counter)
 
     @classmethod
     def for_pipeline(cls, pipe, on_step=None, should_stop=None) -> "TrainingJob":

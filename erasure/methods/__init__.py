@@ -128,6 +128,11 @@ def register(method: Method) -> Method:
     return method
 
 
+def closed_forms() -> list[str]:
+    """The registered closed-form methods, by name (the others train)."""
+    return sorted(name for name, method in METHODS.items() if not method.trains)
+
+
 def get_method(name: str) -> Method:
     key = str(name).strip().lower()
     if key not in METHODS:

@@ -171,8 +171,8 @@ def train_minimalist(job, concepts, params: MinimalistParams):
     before, after = sample_losses(job, samples, ones, steps), sample_losses(job, samples, binary, steps)
     retain_scale = (samples.goal[samples.retain] ** 2).flatten(1).mean(1) if len(retain_index) else None
     units = sum(len(m) for m in binary.values())
-    stats = {"sparsity": float(sum(float((m == 0).sum()) for m in binary.values()) / units), "units": units,
-             "units_off": int(sum(int((m == 0).sum()) for m in binary.values())),
+    units_off = int(sum(int((m == 0).sum()) for m in binary.values()))
+    stats = {"sparsity": units_off / units, "units": units, "units_off": units_off,
              "concept_loss_all_on": float(before[~samples.retain].mean()),
              "concept_loss": float(after[~samples.retain].mean()),
              "retain_relative_error": (float((after[samples.retain] / retain_scale).mean())
