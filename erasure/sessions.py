@@ -1,4 +1,5 @@
-"""Server-side bookkeeping for app sessions: edits by id, per-session cancel flags, background training jobs.
+"""Server-side bookkeeping for app sessions: edits by id, per-session cancel flags, background jobs (training,
+probes).
 
 Edits hold tensors (tens of MB on SD-1.x), which do not belong in a UI framework's per-session
 state (Gradio deep-copies and hashes it). A session keeps only the ids; the tensors live here,
@@ -85,13 +86,15 @@ class CancelFlags:
 
 @dataclass
 class Job:
-    """A trained method running in the background for one session; the app polls it."""
+    """Work running in the background for one session (a trained method, a probe run); the app polls it."""
     label: str
+    kind: str = "training"  # training | probes: which poll takes its result
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "waiting"  # waiting (for a free slot) | running | done | cancelled | failed
     done: int = 0
     total: int = 0
     loss: float = math.nan
+    message: str = ""  # the latest step's words, for work that reports no loss
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     result: Any = None  # the edit, when done
@@ -103,8 +106,9 @@ class Job:
 
 
 class Jobs:
-    """Background training jobs: one per session, at most `slots` training at once (each holds a private copy
-    of the denoiser, so the slots bound memory); the others wait their turn. Jobs run in their own threads,
+    """Background jobs: one per session, of any kind; at most `slots` training at once (each holds a private copy
+    of the denoiser, so the slots bound memory) while the others wait their turn. Other kinds (probes) use the
+    resident pipeline under its lock, as a generation does, and start at once. Jobs run in their own threads,
     not in a request: the page polls, other requests and sessions go on."""
 
     def __init__(self, slots: int = 1):
@@ -112,27 +116,31 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str, label: str, work: Callable[[Callable, Callable], Any]) -> Job:
-        """Run `work(on_step, should_stop)` in a thread for `session`; a ValueError if one is still running."""
+    def start(self, session: str, label: str, work: Callable[[Callable, Callable], Any],
+              kind: str = "training") -> Job:
+        """Run `work(on_step, should_stop)` in a thread for `session`; a ValueError if one is still running.
+        `on_step(done, total, loss=nan, message="")` records progress."""
         with self._lock:
             current = self._jobs.get(session)
             if current is not None and not current.finished:
-                raise ValueError(f"this session is still training {current.label}; cancel it or wait for it "
+                doing = "training" if current.kind == "training" else "running"
+                raise ValueError(f"this session is still {doing} {current.label}; cancel it or wait for it "
                                  f"to finish before starting another")
-            if current is not None and current.state == "done":  # its edit has not reached the session yet
-                raise ValueError(f"{current.label} has just finished and its edit is being added; try again in a "
+            if current is not None and current.state == "done":  # its result has not reached the session yet
+                raise ValueError(f"{current.label} has just finished and its result is being shown; try again in a "
                                  f"second")
-            job = self._jobs[session] = Job(label)
-        threading.Thread(target=self._run, args=(job, work), name=f"training {label}", daemon=True).start()
+            job = self._jobs[session] = Job(label, kind)
+        threading.Thread(target=self._run, args=(job, work), name=f"{kind} {label}", daemon=True).start()
         return job
 
     def _run(self, job: Job, work) -> None:
         from .training import TrainingCancelled
 
-        def on_step(done, total, loss):
-            job.done, job.total, job.loss = done, total, loss
+        def on_step(done, total, loss=math.nan, message=""):
+            job.done, job.total, job.loss, job.message = done, total, loss, message
 
-        while not self._slots.acquire(timeout=0.2):  # a job cancelled while it waits ends at once
+        slotted = job.kind == "training"
+        while slotted and not self._slots.acquire(timeout=0.2):  # a job cancelled while it waits ends at once
             if job.cancel.is_set():
                 job.ended, job.state = time.monotonic(), "cancelled"
                 return
@@ -149,28 +157,31 @@ class Jobs:
             except ValueError as error:  # the user's input (concepts, parameters): their own sentence
                 job.error, job.state = str(error), "failed"
             except Exception as error:  # a bug: the log gets the traceback, the user a short line
-                logging.getLogger(__name__).exception("training job %s failed", job.label)
+                logging.getLogger(__name__).exception("%s job %s failed", job.kind, job.label)
                 job.error, job.state = f"{type(error).__name__}: {error}", "failed"
         finally:
             job.ended = job.ended or time.monotonic()
-            self._slots.release()
+            if slotted:
+                self._slots.release()
 
     def get(self, session: str) -> Job | None:
         with self._lock:
             return self._jobs.get(session)
 
-    def take(self, session: str) -> Job | None:
-        """The session's job if it has finished, removed from the store (its result is now the caller's)."""
+    def take(self, session: str, kind: str | None = None) -> Job | None:
+        """The session's job (of `kind`, when given) if it has finished, removed from the store (its result is now
+        the caller's)."""
         with self._lock:
             job = self._jobs.get(session)
-            if job is None or not job.finished:
+            if job is None or not job.finished or kind not in (None, job.kind):
                 return None
             return self._jobs.pop(session)
 
-    def cancel(self, session: str) -> bool:
-        """Ask the session's job to stop after its current step; False when it has none running."""
+    def cancel(self, session: str, kind: str | None = None) -> bool:
+        """Ask the session's job (of `kind`, when given) to stop after its current step; False when it has none
+        running."""
         job = self.get(session)
-        if job is None or job.finished:
+        if job is None or job.finished or kind not in (None, job.kind):
             return False
         job.cancel.set()
         return True
