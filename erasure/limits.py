@@ -21,6 +21,8 @@ class Limits:
     max_side: int = 768
     max_edits: int = 3  # edits a session keeps, i.e. edited columns beside the original
     max_train_iterations: int = 1000  # a trained method's steps (it holds the one training slot meanwhile)
+    max_probe_prompts: int = 8  # a probe run renders every prompt x seed once per probe variant (up to 12)
+    max_probe_seeds: int = 8
 
     def check_concepts(self, targets: Sequence[str], retain: Sequence[str]) -> None:
         if len(targets) > self.max_targets:
@@ -39,6 +41,16 @@ class Limits:
             raise ValueError(f"{settings.height}x{settings.width} px exceeds this app's cap of {self.max_side} px "
                              f"per side")
 
+    def check_probes(self, n_prompts: int, n_seeds: int) -> None:
+        if n_prompts > self.max_probe_prompts:
+            raise ValueError(f"{n_prompts} probe prompts exceed this app's cap of {self.max_probe_prompts}; "
+                             f"use fewer prompts")
+        if n_seeds > self.max_probe_seeds:
+            raise ValueError(f"{n_seeds} probe seeds exceed this app's cap of {self.max_probe_seeds}; use fewer "
+                             f"seeds")
+        if n_prompts * n_seeds > self.max_images:  # each probe variant renders every pair
+            raise ValueError(f"{n_prompts} prompts x {n_seeds} seeds = {n_prompts * n_seeds} images per probe "
+                             f"variant exceed this app's cap of {self.max_images}; use fewer prompts or seeds")
 
     def check_training(self, params) -> None:
         """A trained method's parameters that bound its time and memory."""
