@@ -11,6 +11,7 @@ Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens (de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -41,7 +42,8 @@ from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import pipeline_state
-from erasure.presets import KINDS, load_preset
+from erasure.presets import KINDS, load_preset, prompt_templates
+from erasure.probes import PROBE_TITLES, PROBES, Judge, probe_sheet, recovery_table, run_probes
 from erasure import scoring
 from erasure.scoring import ScorerLoadError, load_clip_scorer
 from erasure.sessions import CancelFlags, EditStore, Jobs
@@ -83,7 +85,7 @@ class Studio:
         self.edits = EditStore()
         self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
-        self.jobs = Jobs(slots=1)  # trained methods: one private copy of the denoiser at a time
+        self.jobs = Jobs(slots=1)  # a session's one job; trained methods: one private copy of the denoiser at a time
         self.demo: gr.Blocks | None = None  # set by build_demo
         # Downloads are written inside Gradio's cache folder, which Gradio serves in place: one copy per file
         # (a file anywhere else is copied into the cache when returned). The folder goes when the app does.
@@ -152,11 +154,11 @@ class Studio:
         owner = _session_id(request)
         job = self.jobs.get(owner)
         idle = (gr.Timer(active=False), gr.Button(interactive=False))
-        if job is None:
+        if job is None or job.kind != "training":  # a probe run's result is for the Probe tab's poll
             return (*[gr.skip()] * 6, *idle)
         if not job.finished:
             return (*[gr.skip()] * 5, job_progress(job), gr.skip(), gr.skip())
-        job = self.jobs.take(owner)
+        job = self.jobs.take(owner, kind="training")
         if job is None:  # another poll took it a moment ago
             return (*[gr.skip()] * 6, *idle)
         seconds = f"{(job.ended or time.monotonic()) - job.started:.0f} s"
@@ -168,7 +170,7 @@ class Studio:
                 f"**{job.label}**: done in {seconds} (final loss {job.loss:.4g}).", *idle)
 
     def cancel_job(self, request: gr.Request):
-        if self.jobs.cancel(_session_id(request)):
+        if self.jobs.cancel(_session_id(request), kind="training"):
             return "Cancelling the training job after its current step..."
         return "No training job is running in this session."
 
@@ -218,6 +220,109 @@ class Studio:
             report += (f"  \nThis session keeps its {self.limits.max_edits} latest edits; "
                        f"dropped {', '.join(dropped)}.")
         return report
+
+    # -- probes -----------------------------------------------------------------------------------------
+    def probe_edit_choices(self, session: list, picked: list[str] | None):
+        """The Probe tab's edits follow the session's: picks that still exist stay picked; with none left, the
+        newest edit is picked (a run over every edit could take minutes)."""
+        labels = [entry["label"] for entry in session]
+        kept = [label for label in picked or [] if label in labels]
+        return gr.CheckboxGroup(choices=labels, value=kept or labels[-1:])
+
+    def suggest_probe_prompts(self, picked: list[str] | None, kind: str, session: list) -> str:
+        """The kind's prompt templates with the first picked edit's first target; empty when none is picked."""
+        if not picked:
+            return ""
+        with user_errors():
+            edit = self._session_edits(session, picked[:1])[picked[0]]
+            return "\n".join(default_probe_prompts(edit, kind))
+
+    def start_probes(self, picked: list[str] | None, names: list[str] | None, prompts: str, seeds: str, kind: str,
+                     session: list, request: gr.Request | None = None):
+        """Check everything a user can get wrong now, then run the probes on each picked edit in the background
+        (the session's one job, shared with training); `poll_probes` shows the results when they are done."""
+        with user_errors():
+            if not session:
+                raise ValueError("this session has no edits yet: erase a concept on the first tab, then probe it here")
+            if not picked:
+                raise ValueError("no edit picked: tick one or more of this session's edits to probe")
+            if not names:
+                raise ValueError("no probe picked: tick one or more probes")
+            unknown = [name for name in names if name not in PROBES]
+            if unknown:
+                raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}")
+            edits = self._session_edits(session, picked)
+            seed_list = parse_seeds(seeds)
+            prompt_list = prompt_lines(prompts) or default_probe_prompts(next(iter(edits.values())), kind)
+            self.limits.check_probes(len(prompt_list), len(seed_list))
+            names = [name for name in PROBES if name in names]  # the table's column order, whatever the tick order
+            work = functools.partial(self._probe_edits, edits, names, prompt_list, seed_list, kind)
+            self.jobs.start(_session_id(request), f"probes of {_short(', '.join(edits), 60)}", work, kind="probes")
+        return "**Probes**: starting...", gr.Timer(active=True), gr.Button(interactive=True)
+
+    def _probe_edits(self, edits: dict, names: list[str], prompts: list[str], seeds: list[int], kind: str,
+                     on_step, should_stop) -> list[dict]:
+        """The job's work: every probe on each edit in turn, progress counted over all of them."""
+        results, total = [], len(edits) * len(names)
+        for i, (label, edit) in enumerate(edits.items()):
+            where = f"{label} (edit {i + 1} of {len(edits)})" if len(edits) > 1 else label
+
+            def step(done, count, message, before=i * len(names), where=where):
+                on_step(before + done, total, message=f"{where} · probe {done} of {count} ({message})")
+
+            on_step(i * len(names), total, message=f"{where} · running probe 1 of {len(names)}")
+            judge = Judge(self.pipe, edit, kind, scorer=self.scorer)
+            report, rendered = run_probes(self.pipe, edit, names, prompts, seeds, self.defaults, judge,
+                                          on_step=step, should_stop=should_stop)
+            results.append({"label": label, "params": edit.params, "report": report,
+                            "sheet": probe_sheet(rendered) if rendered else None})
+        return results
+
+    def poll_probes(self, request: gr.Request):
+        """The Probe tab's timer: the run's progress; when it has finished, its table, sheets, note and file."""
+        owner = _session_id(request)
+        job = self.jobs.get(owner)
+        idle = (gr.Timer(active=False), gr.Button(interactive=False))
+        unchanged = [gr.skip()] * 4
+        if job is None or job.kind != "probes":
+            return (gr.skip(), *idle, *unchanged)
+        if not job.finished:
+            return (job_progress(job), gr.skip(), gr.skip(), *unchanged)
+        job = self.jobs.take(owner, kind="probes")
+        if job is None:  # another poll took it a moment ago
+            return (gr.skip(), *idle, *unchanged)
+        if job.state == "cancelled":
+            return ("**Probes**: cancelled; nothing was kept.", *idle, *unchanged)
+        if job.state == "failed":
+            return (f"**Probes**: failed: {job.error}", *idle, *unchanged)
+        results = job.result
+        path = self._new_file("probes", ".json")
+        path.write_text(json.dumps({"model": self.model_id, "settings": dataclasses.asdict(self.defaults),
+                                    "edits": [{"label": r["label"], "params": r["params"], **r["report"]}
+                                              for r in results]}, indent=2), "utf-8")
+        sheets = [(r["sheet"], r["label"]) for r in results if r["sheet"] is not None]
+        status = (f"**Probes**: done in {(job.ended or time.monotonic()) - job.started:.0f} s "
+                  f"({len(results)} edit(s) × {len(results[0]['report']['probes'])} probe(s)).")
+        return (status, *idle, probe_table(results), gr.Gallery(value=sheets or None),
+                probe_note(results, self.defaults), str(path))
+
+    def cancel_probes(self, request: gr.Request):
+        if self.jobs.cancel(_session_id(request), kind="probes"):
+            return "Cancelling the probes after the current one..."
+        return "No probe run is in progress in this session."
+
+    def probes_refused(self, request: gr.Request):
+        """After a refused start: say so; a run already going on keeps its timer and Cancel button."""
+        job = self.jobs.get(_session_id(request))
+        running = job is not None and job.kind == "probes" and not job.finished
+        note = " The probes already running go on." if running else ""
+        return (f"**Not started**: the reason is in the error notice.{note}", gr.Timer(active=running),
+                gr.Button(interactive=running))
+
+    @staticmethod
+    def clear_probe_results():
+        """A new run's results replace the last ones; until they come, none are shown as if they were its."""
+        return probe_table([]), gr.Gallery(value=None), "", None
 
     # -- comparison -------------------------------------------------------------------------------------
     async def generate(self, erase_prompts: str, keep_prompts: str, seeds: str, steps: float, guidance: float,
@@ -358,9 +463,58 @@ def param_component(method: str, name: str, spec: dict):
 def job_progress(job) -> str:
     if job.state == "waiting":
         return f"**{job.label}**: waiting for another session's training job to finish..."
+    seconds = f"{time.monotonic() - job.started:.0f} s"
+    if job.kind == "probes":
+        return f"**Probes**: {job.message or 'starting...'} · {seconds}"
     loss = f" · loss {job.loss:.4g}" if job.done else ""
-    return (f"**{job.label}**: step {job.done} of {job.total or '?'}{loss} · "
-            f"{time.monotonic() - job.started:.0f} s")
+    return f"**{job.label}**: step {job.done} of {job.total or '?'}{loss} · {seconds}"
+
+
+def default_probe_prompts(edit, kind: str) -> list[str]:
+    """What an empty prompt box probes with: the kind's interactive templates with the edit's first target (as
+    `python -m erasure probe` does)."""
+    return [form.format(edit.targets[0]) for form in prompt_templates(kind)]
+
+
+def probe_table(results: list[dict]) -> pd.DataFrame:
+    """Edits × probes: each cell the share of the probe's images that show the target. Rows are named by the
+    session's labels (two edits of one method and target stay apart); with no results, every probe's column."""
+    rows = [{**row, "edit": result["label"]}
+            for result, row in zip(results, recovery_table([r["report"] for r in results]))]
+    columns = ["edit", *(rows[0] if rows else (PROBE_TITLES.get(name, name) for name in PROBES))]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(columns)))
+
+
+def own_samplers(report: dict, settings: Settings) -> str:
+    """' (noise-based: ddim (η, v))' for the probes that sample their own way; '' when none does."""
+    own = [f"{PROBE_TITLES.get(name, name)}: {result['settings']['scheduler']}"
+           for name, result in report["probes"].items()
+           if result.get("settings", {}).get("scheduler", settings.scheduler) != settings.scheduler]
+    return f" ({'; '.join(own)})" if own else ""
+
+
+def probe_note(results: list[dict], settings: Settings) -> str:
+    """What the table's numbers rest on: the judge, N per probe, prompts, seeds and sampler settings, and the
+    diagnostic's verdicts in full."""
+    first = results[0]["report"]
+    judges = "; ".join(dict.fromkeys(r["report"]["judge"] for r in results))
+    by_n: dict[int, list[str]] = {}
+    for name, result in first["probes"].items():
+        if "N" in result:
+            by_n.setdefault(result["N"], []).append(PROBE_TITLES.get(name, name))
+    ns = "; ".join(f"{', '.join(titles)}: N = {n}" for n, titles in sorted(by_n.items()))
+    seeds = first["seeds"]
+    lines = [f"**Judge**: {judges}. A cell is the share of the probe's images in which the judge finds the target; "
+             f"best of N counts a (prompt, seed) as recovered when any of its N images shows it ({ns})." if ns
+             else f"**Judge**: {judges}.",
+             f"{len(first['prompts'])} prompt(s) × {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
+             f"{settings.steps} steps, guidance {settings.guidance:g}, {settings.width} px, {settings.scheduler} "
+             f"sampler{own_samplers(first, settings)}."]
+    for result in results:
+        verdict = result["report"]["probes"].get("diagnostic", {}).get("verdict")
+        if verdict:
+            lines.append(f"Avoidance vs destruction, {result['label']}: {verdict}.")
+    return "  \n".join(lines)
 
 
 def edit_report(edit, uploaded: str | None = None) -> str:
@@ -520,88 +674,128 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
         gr.Markdown("# Erasure Studio\nErase concepts from a diffusion model in closed form, then compare the "
                     "original and each edit **on the same seeds**.", elem_id="title")
         gr.Markdown(studio.banner(), elem_id="banner")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=340):
-                gr.Markdown("### 1 · Concepts")
-                with gr.Row():
-                    preset = gr.Dropdown(["", *erasure.presets(studio.model_id)], value="", label="Preset", scale=2,
-                                         allow_custom_value=True)  # an unknown name gets our message
-                    kind = gr.Dropdown(list(KINDS), value="toy-shape" if studio.model_id == TOY_MODEL else "object",
-                                       label="Kind (picks prompt templates)",
-                                       scale=2)
-                targets = gr.Textbox(label="Target: concepts to erase", placeholder="e.g. Snoopy, Mickey",
-                                     info="comma-separated on one line, or one per line", elem_id="targets")
-                anchors = gr.Textbox(label="Anchor: what targets become", placeholder="empty = the empty prompt",
-                                     info="one for all targets, or one per target", elem_id="anchors")
-                retain = gr.Textbox(label="Retain: concepts to keep", lines=3, max_lines=8,
-                                    info="comma-separated on one line, or one per line (names may hold commas)",
-                                    placeholder="e.g. Pikachu, Garfield", elem_id="retain")
-                method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method", elem_id="method")
-                method_summary = gr.Markdown(elem_classes="method-summary")
-                param_inputs, method_groups = {}, {}
-                with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
-                    for name in sorted(erasure.METHODS):
-                        with gr.Group(visible=name == first_method) as method_groups[name]:
-                            for method_name, param, spec in PARAM_KEYS:
-                                if method_name == name:
-                                    param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
-                erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
-                with gr.Row(equal_height=True):
-                    job_status = gr.Markdown(elem_id="job-status")
-                    job_cancel = gr.Button("Cancel training", size="sm", interactive=False, elem_id="cancel-training",
-                                           scale=0, min_width=140)
-                job_timer = gr.Timer(1.0, active=False)
-                edit_summary = gr.Markdown(elem_id="edit-report")
-                with gr.Accordion("Per-layer statistics", open=False, elem_id="layers-accordion"):
-                    layers = gr.Dataframe(layer_table(), label="Means over concept rows; 'down 1.0' is "
-                                          "down_blocks.1.attentions.0", interactive=False, wrap=True,
-                                          elem_id="layers", column_widths=["40%", "20%", "20%", "20%"])
-                edit_file = gr.File(label="Download the edit (.safetensors)", interactive=False)
-                upload = gr.File(label="Upload an edit (.safetensors)", file_types=[".safetensors"],
-                                 elem_id="upload")
+        with gr.Tabs():
+            with gr.Tab("Erase & compare", id="erase-tab"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=340):
+                        gr.Markdown("### 1 · Concepts")
+                        with gr.Row():
+                            preset = gr.Dropdown(["", *erasure.presets(studio.model_id)], value="", label="Preset",
+                                                 scale=2, elem_id="preset",
+                                                 allow_custom_value=True)  # an unknown name gets our message
+                            kind = gr.Dropdown(list(KINDS), label="Kind (picks prompt templates)", scale=2,
+                                               value="toy-shape" if studio.model_id == TOY_MODEL else "object")
+                        targets = gr.Textbox(label="Target: concepts to erase", placeholder="e.g. Snoopy, Mickey",
+                                             info="comma-separated on one line, or one per line", elem_id="targets")
+                        anchors = gr.Textbox(label="Anchor: what targets become",
+                                             placeholder="empty = the empty prompt",
+                                             info="one for all targets, or one per target", elem_id="anchors")
+                        retain = gr.Textbox(label="Retain: concepts to keep", lines=3, max_lines=8,
+                                            info="comma-separated on one line, or one per line (names may hold commas)",
+                                            placeholder="e.g. Pikachu, Garfield", elem_id="retain")
+                        method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method",
+                                             elem_id="method")
+                        method_summary = gr.Markdown(elem_classes="method-summary")
+                        param_inputs, method_groups = {}, {}
+                        with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
+                            for name in sorted(erasure.METHODS):
+                                with gr.Group(visible=name == first_method) as method_groups[name]:
+                                    for method_name, param, spec in PARAM_KEYS:
+                                        if method_name == name:
+                                            param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
+                        erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
+                        with gr.Row(equal_height=True):
+                            job_status = gr.Markdown(elem_id="job-status")
+                            job_cancel = gr.Button("Cancel training", size="sm", interactive=False,
+                                                   elem_id="cancel-training", scale=0, min_width=140)
+                        job_timer = gr.Timer(1.0, active=False)
+                        edit_summary = gr.Markdown(elem_id="edit-report")
+                        with gr.Accordion("Per-layer statistics", open=False, elem_id="layers-accordion"):
+                            layers = gr.Dataframe(layer_table(), label="Means over concept rows; 'down 1.0' is "
+                                                  "down_blocks.1.attentions.0", interactive=False, wrap=True,
+                                                  elem_id="layers", column_widths=["40%", "20%", "20%", "20%"])
+                        edit_file = gr.File(label="Download the edit (.safetensors)", interactive=False)
+                        upload = gr.File(label="Upload an edit (.safetensors)", file_types=[".safetensors"],
+                                         elem_id="upload")
 
-            with gr.Column(scale=2):
-                gr.Markdown("### 2 · Compare on the same seeds")
+                    with gr.Column(scale=2):
+                        gr.Markdown("### 2 · Compare on the same seeds")
+                        with gr.Row():
+                            erase_prompts = gr.Textbox(label="Prompts that should be erased (one per line)", lines=3,
+                                                       elem_id="erase-prompts")
+                            keep_prompts = gr.Textbox(label="Prompts that should be kept (one per line)", lines=3,
+                                                      elem_id="keep-prompts")
+                        with gr.Row():
+                            seeds = gr.Textbox(value="0, 1", label="Seeds", info="whole numbers", elem_id="seeds",
+                                               min_width=90)
+                            # Number fields, not sliders: a slider clamps a typed 0 or 10000 without a word; these
+                            # values reach the server, whose checks name the valid range.
+                            steps = gr.Number(defaults.steps, label="Steps", info=f"1 to {limits.max_steps}",
+                                              elem_id="steps", min_width=90)
+                            guidance = gr.Number(defaults.guidance, label="Guidance", info="0 = no guidance", step=0.5,
+                                                 elem_id="guidance", min_width=90)
+                            size = gr.Number(defaults.height, label="Size (px)", info=f"8 to {limits.max_side}, ×8",
+                                             step=64, elem_id="size", min_width=90)
+                            scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
+                                                    info="denoising sampler", elem_id="scheduler", min_width=100)
+                        with gr.Row(equal_height=True):
+                            compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
+                                                        elem_id="compared", scale=5)
+                            clear_button = gr.Button("Forget edits", size="sm", scale=1, min_width=100)
+                        with gr.Row():
+                            generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+                            cancel_button = gr.Button("Cancel", variant="secondary", interactive=False,
+                                                      elem_id="cancel", scale=1, min_width=100)
+                        status = gr.Markdown(elem_id="status")
+                        galleries = [gr.Gallery(label=f"Prompts that {title}", columns=2, height="auto", format="png",
+                                                object_fit="contain", elem_id=f"{group}-gallery",
+                                                buttons=["download", "fullscreen"])
+                                     for group, title in GROUPS.items()]
+                        summary = gr.Dataframe(summary_table([]), label="Summary: mean CLIP score (95% bootstrap CI)",
+                                               interactive=False, elem_id="summary", wrap=True,
+                                               column_widths=["16%", "22%", "5%", "13%", "17%", "13%", "14%"])
+                        # No block label: Gradio sizes the chart to `height` and would push its legend out under one.
+                        plot = gr.BarPlot(x="bar", y="mean CLIP to prompt", color="column", label="Mean CLIP to prompt",
+                                          show_label=False, x_title="prompts: column", color_title="column", height=280,
+                                          elem_id="plot")
+                        run_file = gr.File(label="Run record (JSON: method, params, prompts, seeds, scores, versions)",
+                                           interactive=False, elem_id="run-file")
+            with gr.Tab("Probe", id="probe-tab", elem_id="probe-tab"):
+                gr.Markdown("### Is the concept really gone?\nEach probe renders the target with an edited model "
+                            "under some pressure (the original model's first denoising steps, a noisier sampler, "
+                            "an image to repaint, ...) and a judge counts the images that show it "
+                            "(*When Are Concepts Erased From Diffusion Models?*, NeurIPS 2025). Probing takes "
+                            "minutes; it runs in the background.", elem_classes="method-summary")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        probe_edits = gr.CheckboxGroup([], label="Edits to probe", elem_id="probe-edits",
+                                                       info="this session's edits, from the first tab")
+                        probe_names = gr.CheckboxGroup([(PROBE_TITLES.get(name, name), name) for name in PROBES],
+                                                       value=list(PROBES), label="Probes", elem_id="probe-names")
+                    with gr.Column(scale=1, min_width=300):
+                        probe_prompts = gr.Textbox(label="Prompts of the target (one per line)", lines=3,
+                                                   info="empty = the kind's templates with the first edit's target",
+                                                   elem_id="probe-prompts")
+                        probe_seeds = gr.Textbox(value="0, 1", label="Seeds", elem_id="probe-seeds",
+                                                 info=f"whole numbers; at most {limits.max_probe_seeds} seeds and "
+                                                      f"{limits.max_probe_prompts} prompts")
+                        gr.Markdown(f"Sampling: the model's defaults ({defaults.steps} steps, guidance "
+                                    f"{defaults.guidance:g}, {defaults.width} px, {defaults.scheduler}).",
+                                    elem_classes="method-summary")
                 with gr.Row():
-                    erase_prompts = gr.Textbox(label="Prompts that should be erased (one per line)", lines=3,
-                                               elem_id="erase-prompts")
-                    keep_prompts = gr.Textbox(label="Prompts that should be kept (one per line)", lines=3,
-                                              elem_id="keep-prompts")
-                with gr.Row():
-                    seeds = gr.Textbox(value="0, 1", label="Seeds", info="whole numbers", elem_id="seeds",
-                                       min_width=90)
-                    # Number fields, not sliders: a slider clamps a typed 0 or 10000 without a word; these
-                    # values reach the server, whose checks name the valid range.
-                    steps = gr.Number(defaults.steps, label="Steps", info=f"1 to {limits.max_steps}",
-                                      elem_id="steps", min_width=90)
-                    guidance = gr.Number(defaults.guidance, label="Guidance", info="0 = no guidance", step=0.5,
-                                         elem_id="guidance", min_width=90)
-                    size = gr.Number(defaults.height, label="Size (px)", info=f"8 to {limits.max_side}, ×8",
-                                     step=64, elem_id="size", min_width=90)
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
-                                            info="denoising sampler", elem_id="scheduler", min_width=100)
-                with gr.Row(equal_height=True):
-                    compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
-                                                elem_id="compared", scale=5)
-                    clear_button = gr.Button("Forget edits", size="sm", scale=1, min_width=100)
-                with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
-                    cancel_button = gr.Button("Cancel", variant="secondary", interactive=False, elem_id="cancel",
-                                              scale=1, min_width=100)
-                status = gr.Markdown(elem_id="status")
-                galleries = [gr.Gallery(label=f"Prompts that {title}", columns=2, height="auto", format="png",
-                                        object_fit="contain", elem_id=f"{group}-gallery",
-                                        buttons=["download", "fullscreen"])
-                             for group, title in GROUPS.items()]
-                summary = gr.Dataframe(summary_table([]), label="Summary: mean CLIP score (95% bootstrap CI)",
-                                       interactive=False, elem_id="summary", wrap=True,
-                                       column_widths=["16%", "22%", "5%", "13%", "17%", "13%", "14%"])
-                # No block label: Gradio sizes the chart to `height` and would push its legend out under one.
-                plot = gr.BarPlot(x="bar", y="mean CLIP to prompt", color="column", label="Mean CLIP to prompt",
-                                  show_label=False, x_title="prompts: column", color_title="column", height=280,
-                                  elem_id="plot")
-                run_file = gr.File(label="Run record (JSON: method, params, prompts, seeds, scores, versions)",
-                                   interactive=False, elem_id="run-file")
+                    probe_button = gr.Button("Run probes", variant="primary", elem_id="run-probes", scale=4)
+                    probe_cancel = gr.Button("Cancel probes", interactive=False, elem_id="cancel-probes", scale=1,
+                                             min_width=140)
+                probe_timer = gr.Timer(1.0, active=False)
+                probe_status = gr.Markdown(elem_id="probe-status")
+                recovery = gr.Dataframe(probe_table([]), label="Recovered: share of each probe's images that show the "
+                                        "target", interactive=False, wrap=True, elem_id="probe-table")
+                recovery_note = gr.Markdown(elem_id="probe-note")
+                probe_sheets = gr.Gallery(label="Image sheets: a row per prompt and seed, a column per probe variant",
+                                          columns=1, height="auto", format="png", object_fit="contain",
+                                          elem_id="probe-sheets", buttons=["download", "fullscreen"])
+                probe_file = gr.File(label="All reports (JSON: judge, N, prompts, seeds, settings, rates)",
+                                     interactive=False, elem_id="probe-file")
 
         # -- wiring ---------------------------------------------------------------------------------------
         param_components = [param_inputs[f"{m}_{p}"] for m, p, _ in PARAM_KEYS]
@@ -637,6 +831,24 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
         clear_button.click(studio.clear_edits, [session], [session, compared, edit_summary], api_name="clear_edits",
                            queue=False)
         cancel_button.click(studio.cancel, None, [status], api_name="cancel", queue=False)
+
+        # The Probe tab: its run is the session's background job, polled by a timer of its own so that the
+        # training job's poll (and with it the first tab) is left as it was.
+        probe_outputs = [recovery, probe_sheets, recovery_note, probe_file]
+        # Public, so that an API client whose session's edits changed can refresh the choices as the page does.
+        session.change(studio.probe_edit_choices, [session, probe_edits], [probe_edits], api_name="probe_edit_choices",
+                       queue=False)
+        gr.on([probe_edits.change, kind.change], studio.suggest_probe_prompts, [probe_edits, kind, session],
+              [probe_prompts], api_name="suggest_probe_prompts", queue=False)
+        probing = probe_button.click(studio.start_probes, [probe_edits, probe_names, probe_prompts, probe_seeds, kind,
+                                                           session],
+                                     [probe_status, probe_timer, probe_cancel], api_name="start_probes", queue=False)
+        probing.success(studio.clear_probe_results, None, probe_outputs, api_name="probes_started", **ui_only)
+        probing.failure(studio.probes_refused, None, [probe_status, probe_timer, probe_cancel],
+                        api_name="probes_refused", **ui_only)
+        probe_timer.tick(studio.poll_probes, None, [probe_status, probe_timer, probe_cancel, *probe_outputs],
+                         api_name="poll_probes", queue=False)
+        probe_cancel.click(studio.cancel_probes, None, [probe_status], api_name="cancel_probes", queue=False)
         demo.unload(studio.end_session)
     studio.demo = demo  # Cancel takes this session's waiting generations off its queue
     return demo

@@ -24,6 +24,7 @@ import erasure
 from erasure.limits import Limits
 from erasure.generate import Settings, generate_images
 from erasure.pipeline import pipeline_state
+from erasure.probes import PROBE_TITLES, PROBES
 from erasure.scoring import load_clip_scorer
 
 from conftest import assert_untouched
@@ -535,3 +536,125 @@ def test_a_session_runs_one_training_job_at_a_time(client, untouched):
         client.predict("dog", "", "", "esd-x", **ESD_FAST, api_name="/erase")
     assert client.predict(api_name="/cancel_training").startswith("Cancelling the training job")
     assert poll_until_finished(client)[2] == "**ESD-X: cat**: cancelled; nothing was kept."
+
+
+# -- the Probe tab (issue 11) ------------------------------------------------------------------------------------
+
+CHEAP_PROBES = ["standard", "noise"]  # 1 + 6 images per prompt and seed; completion's k = 5 needs 5+ steps
+
+
+def probe_edits(client) -> list[str]:
+    """/probe_edit_choices: the session's edits as the Probe tab lists them (the page calls it on every change)."""
+    return [value for _, value in client.predict([], api_name="/probe_edit_choices")["choices"]]
+
+
+def poll_probes_until_finished(client, timeout=180):
+    """/poll_probes until the run has finished: (status, table, sheets, note, file)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, table, sheets, note, probe_file = client.predict(api_name="/poll_probes")
+        if isinstance(status, str) and re.search(r"done in|cancelled|failed", status):
+            return status, table, sheets, note, probe_file
+        time.sleep(0.3)
+    raise AssertionError("the probe run did not finish")
+
+
+def test_probes_run_in_the_background_with_a_row_per_edit_and_a_column_per_probe(client, untouched):
+    erase(client, "Snoopy", method="uce")
+    erase(client, "Garfield", method="speed")
+    edits = probe_edits(client)
+    assert edits == ["#1 UCE: Snoopy", "#2 SPEED: Garfield"]
+    suggested = client.predict(edits, "object", api_name="/suggest_probe_prompts")
+    assert suggested.splitlines() == ["a photo of Snoopy", "a picture of Snoopy"]  # the first picked edit's target
+
+    status, _ = client.predict(edits, CHEAP_PROBES, "", "0", "object", api_name="/start_probes")  # "" = suggested
+    assert "starting" in status
+    status, table, sheets, note, probe_file = poll_probes_until_finished(client)
+    assert re.fullmatch(r"\*\*Probes\*\*: done in \d+ s \(2 edit\(s\) × 2 probe\(s\)\)\.", status), status
+
+    assert table["headers"] == ["edit", "standard prompt", "noise-based"]
+    assert [row[0] for row in table["data"]] == edits
+    # 2 prompts x 1 seed: 2 standard images, 12 noise-based ones (N = 6 per prompt and seed)
+    assert all(re.fullmatch(r"\d+% of 2", row[1]) and re.fullmatch(r"\d+% \(best of 6: \d+%\) of 12", row[2])
+               for row in table["data"]), table["data"]
+    assert [item["caption"] for item in gallery_items(sheets)] == edits
+    assert Image.open(gallery_items(sheets)[0]["image"]).size[0] > 7 * 64  # a column per variant
+    assert "**Judge**: CLIP tiny" in note and "N = 6" in note and "2 prompt(s) × 1 seed(s) (0); 3 steps" in note
+
+    record = json.loads(Path(probe_file).read_text("utf-8"))
+    assert record["model"] == "tiny" and record["settings"]["steps"] == 3
+    assert [e["label"] for e in record["edits"]] == edits and [e["method"] for e in record["edits"]] == ["uce", "speed"]
+    first = record["edits"][0]
+    assert first["prompts"] == suggested.splitlines() and first["seeds"] == [0]
+    assert f"{first['probes']['standard']['recovery_rate']:.0%} of 2" == table["data"][0][1]
+
+
+def test_a_session_runs_one_job_at_a_time_probes_or_training_and_cancelled_probes_keep_nothing(
+        pipe, server, client, untouched):
+    erase(client, "Snoopy")
+    edits = probe_edits(client)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(module, args):  # the probe run waits inside its first UNet pass until the checks below are done
+        started.set()
+        release.wait(timeout=60)
+
+    hook = pipe.unet.register_forward_pre_hook(hold)
+    try:
+        client.predict(edits, CHEAP_PROBES, "a photo of Snoopy", "0", "object", api_name="/start_probes")
+        assert started.wait(timeout=60)
+        with pytest.raises(AppError, match=re.escape("this session is still running probes of #1 UCE: Snoopy")):
+            client.predict(edits, CHEAP_PROBES, "a photo of Snoopy", "0", "object", api_name="/start_probes")
+        with pytest.raises(AppError, match="still running probes of #1 UCE: Snoopy"):  # training shares the job
+            client.predict("cat", "", "", "esd-x", **ESD_FAST, api_name="/erase")
+        # Each tab's poll and Cancel touch only their own kind of job.
+        assert client.predict(api_name="/cancel_training") == "No training job is running in this session."
+        assert client.predict(api_name="/poll_job")[4] == {"__type__": "update"}  # skipped: not training
+        assert client.predict(api_name="/cancel_probes").startswith("Cancelling the probes")
+    finally:
+        release.set()
+        hook.remove()
+    status, table, sheets, note, probe_file = poll_probes_until_finished(client)
+    assert status == "**Probes**: cancelled; nothing was kept."
+    assert [table, sheets, note, probe_file] == [{"__type__": "update"}] * 4  # the last results stay as they were
+    assert server[0].jobs.get(client.session_hash) is None
+    assert client.predict(api_name="/cancel_probes") == "No probe run is in progress in this session."
+
+    client.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 1000}, api_name="/erase")
+    with pytest.raises(AppError, match="this session is still training ESD-X: cat"):
+        client.predict(edits, CHEAP_PROBES, "a photo of Snoopy", "0", "object", api_name="/start_probes")
+    assert client.predict(api_name="/cancel_probes") == "No probe run is in progress in this session."
+    assert client.predict(api_name="/cancel_training").startswith("Cancelling the training job")
+    assert poll_until_finished(client)[2] == "**ESD-X: cat**: cancelled; nothing was kept."
+
+
+def test_bad_probe_requests_are_refused_with_a_specific_message_and_start_nothing(server, client):
+    with pytest.raises(AppError, match="this session has no edits yet: erase a concept on the first tab"):
+        client.predict([], CHEAP_PROBES, "", "0", "object", api_name="/start_probes")
+    erase(client, "Snoopy")
+    edits = probe_edits(client)
+    for picked, names, prompts, seeds, message in [
+        ([], CHEAP_PROBES, "", "0", "no edit picked: tick one or more of this session's edits to probe"),
+        (edits, [], "", "0", "no probe picked: tick one or more probes"),
+        (edits, CHEAP_PROBES, "", "0, x", "seed 'x' is not a whole number"),
+        (edits, CHEAP_PROBES, "", "", "no seed given"),
+        (edits, CHEAP_PROBES, "a", "0 1 2 3 4 5 6 7 8", "9 probe seeds exceed this app's cap of 8"),
+        (edits, CHEAP_PROBES, "\n".join("abcdefghi"), "0", "9 probe prompts exceed this app's cap of 8"),
+        (edits, CHEAP_PROBES, "a\nb\nc", "0 1 2", "3 prompts x 3 seeds = 9 images per probe variant exceed this "
+                                                  "app's cap of 8"),
+    ]:
+        with pytest.raises(AppError, match=re.escape(message)):
+            client.predict(picked, names, prompts, seeds, "object", api_name="/start_probes")
+        assert server[0].jobs.get(client.session_hash) is None, message
+    with pytest.raises(AppError, match=r"'mind-reading' .* is not in the list of choices"):
+        client.predict(edits, ["mind-reading"], "", "0", "object", api_name="/start_probes")
+
+
+def test_the_probe_table_names_every_probe_before_any_run(server):
+    demo = app.build_demo(server[0])
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    titles = [PROBE_TITLES[name] for name in PROBES]
+    assert by_id["probe-table"].value["headers"] == ["edit", *titles]
+    assert [value for _, value in by_id["probe-names"].choices] == list(PROBES)
+    assert by_id["probe-names"].value == list(PROBES)  # all ticked
+    assert by_id["cancel-probes"].interactive is False
