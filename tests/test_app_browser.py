@@ -412,3 +412,58 @@ def test_a_training_job_shows_progress_cancels_finishes_and_compares_while_anoth
     assert [c.split(" · ")[0] for c in captions] == ["original", "#1 SPEED: cat", "#2 ESD-X: cat"], captions
     page.screenshot(path=str(shots / "trained-compared.png"), full_page=True)
     page.close()
+
+
+def test_user_probes_an_erased_circle_and_reads_the_recovery_table_and_sheet(app, page, shots):
+    """The Probe tab on the toy world: every probe on a UCE edit of 'circle', the way a user runs them."""
+    from erasure.probes import PROBE_TITLES, PROBES
+
+    choose(page, "preset", "toy-circle")
+    page.wait_for_function("() => document.querySelector('#targets textarea').value === 'circle'")
+    choose(page, "method", "uce")
+    page.click("#erase")
+    page.wait_for_selector("#edit-report :text('modules changed')")
+
+    page.get_by_role("tab", name="Probe").click()
+    edit = page.locator("#probe-edits label:has-text('#1 UCE: circle') input[type=checkbox]")
+    edit.check()
+    names = page.locator("#probe-names input[type=checkbox]")
+    assert names.count() == len(PROBES) and all(box.is_checked() for box in names.all())  # all, by default
+    # An empty box would mean the same: the kind's templates with the edit's target.
+    page.wait_for_function("() => document.querySelector('#probe-prompts textarea').value.includes('circle')")
+    page.fill("#probe-seeds textarea", "0")
+    assert not page.is_enabled("#cancel-probes")
+    page.click("#run-probes")
+    page.wait_for_selector("#cancel-probes:enabled", timeout=30_000)
+    page.wait_for_selector("#probe-status :text('probe 1 of')")
+    page.screenshot(path=str(shots / "probing.png"), full_page=True)
+    page.wait_for_selector("#probe-status :text('done in')", timeout=600_000)
+    page.wait_for_selector("#cancel-probes:disabled")
+
+    titles = header_texts(page, "probe-table")
+    assert titles == ["edit", *(PROBE_TITLES[name] for name in PROBES)]
+    rows = page.locator("#probe-table [role=row]:has([role=gridcell])")
+    assert rows.count() == 1
+    cells = [c.strip() for c in rows.first.locator("[role=gridcell]").all_inner_texts()]
+    assert cells[0] == "#1 UCE: circle"
+    for title, cell in zip(titles[1:], cells[1:]):
+        if title == PROBE_TITLES["diagnostic"]:
+            assert cell in ("avoidance", "destruction"), cell
+        else:
+            assert re.match(r"\d+% ", cell), (title, cell)  # "25% of 2", "0% (best of 6: 0%) of 12"
+    assert page.locator("#probe-table").evaluate(BROKEN_WORDS) == []
+    note = page.locator("#probe-note").inner_text()
+    assert "Judge: toy judge" in note and "1 seed(s) (0)" in note and "Avoidance vs destruction" in note
+
+    sheet = page.locator("#probe-sheets button:has(img)")
+    assert sheet.count() == 1 and sheet.locator(".caption-label").inner_text() == "#1 UCE: circle"
+    width = sheet.locator("img").evaluate("async e => { await e.decode(); return e.naturalWidth }")
+    assert width > 1000  # a 128-px column per probe variant
+    assert page.locator("#probe-file a").count() == 1  # the JSON of every report
+
+    shot = shots / "probe.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copyfile(shot, "/tmp/probe_tab.png")
+    if os.environ.get("SCREENSHOT_TO"):  # beside the README's screenshot: screenshot-probe.png
+        target = ROOT / os.environ["SCREENSHOT_TO"]
+        shutil.copyfile(shot, target.with_name(f"{target.stem}-probe{target.suffix}"))
