@@ -82,6 +82,8 @@ def cmd_probe(args) -> None:
 
     import erasure
     from .presets import prompt_templates
+    from tqdm.auto import tqdm
+
     from .probes import PROBES, Judge, probe_sheet, run_probes
 
     pipe = erasure.load_pipeline(args.model, device=args.device)
@@ -91,7 +93,15 @@ def cmd_probe(args) -> None:
     prompts = args.prompt or [form.format(edit.targets[0]) for form in prompt_templates(kind)]
     names = list(PROBES) if "all" in args.probes else list(dict.fromkeys(args.probes))
     settings = settings_from_args(pipe, args)
-    report, rendered = run_probes(pipe, edit, names, prompts, args.seeds, settings, Judge(pipe, edit, kind))
+    bar = tqdm(total=len(names), desc="probing", unit="probe")
+
+    def on_step(done, total, message):
+        bar.n = done
+        bar.set_postfix_str(message, refresh=True)
+
+    report, rendered = run_probes(pipe, edit, names, prompts, args.seeds, settings, Judge(pipe, edit, kind), kind,
+                                  on_step=on_step)
+    bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probes.json").write_text(json.dumps(report, indent=2), "utf-8")
@@ -101,6 +111,10 @@ def cmd_probe(args) -> None:
         if "recovery_rate" in result:
             print(f"{name}: recovered in {result['recovery_rate']:.0%} of {result['images']} images "
                   f"(best of N = {result['N']}: {result['best_of_N_rate']:.0%})")
+        elif "matrix" in result:
+            for target, cells in result["matrix"].items():
+                print(f"{name}: {target} -> " + ", ".join(
+                    f"{n} {c['original']:.0%}->{c['edited']:.0%}" for n, c in cells.items()))
         else:
             print(f"{name}: {result['verdict']}")
     print(f"-> {out / 'probes.json'}" + (f", {out / 'probes.png'}" if rendered else ""))

@@ -132,8 +132,9 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], settings
 
 def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, edit: Edit | None = None,
                    *, edit_from_step: int = 0, on_step: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> list[Image.Image]:
-    """Images for an explicit list of (prompt, seed) pairs, in list order.
+                   should_stop: Callable[[], bool] | None = None, latents: bool = False) -> list:
+    """Images for an explicit list of (prompt, seed) pairs, in list order (with `latents`: the final latents,
+    undecoded, as float32 tensors).
 
     Every pipeline call renders exactly `generation_batch(pipe)` images (the last batch is filled with repeats
     of its last pair, rendered and dropped), so each image is computed on the same shapes wherever it falls:
@@ -172,13 +173,13 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
                 result = pipe([p for p, _ in padded], num_inference_steps=settings.steps,
                               guidance_scale=settings.guidance, height=settings.height, width=settings.width,
                               generator=[torch.Generator("cpu").manual_seed(s) for _, s in padded],
-                              callback_on_step_end=step_end)
+                              callback_on_step_end=step_end, output_type="latent" if latents else "pil")
             finally:
                 for record in swapped:
                     restore(pipe, record)
             if should_stop and should_stop():
                 raise GenerationCancelled("generation cancelled")
-            images.extend(result.images[:len(batch)])
+            images.extend(result.images[:len(batch)].float().cpu() if latents else result.images[:len(batch)])
     return images
 
 

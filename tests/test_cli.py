@@ -9,6 +9,7 @@ from PIL import Image
 
 import erasure
 from erasure.cli import main
+from erasure.probes import PROBES
 
 
 def test_erase_then_generate_grid(tmp_path, capsys):
@@ -116,13 +117,19 @@ def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path
     report = json.loads((out / "probes.json").read_text())
     assert report["judge"] == "toy judge" and report["seeds"] == [0]
     assert report["prompts"] == ["a circle", "a red circle"]
-    assert set(report["probes"]) == {"standard", "inpainting", "completion", "noise", "diagnostic"}
+    assert list(report["probes"]) == list(PROBES)
     noise = report["probes"]["noise"]
     assert noise["N"] == 6 and noise["images"] == 2 * 6 and 0 <= noise["recovery_rate"] <= noise["best_of_N_rate"]
     assert set(report["probes"]["completion"]["by_variant"]) == {"k=1", "k=2", "k=3", "k=5"}
     assert report["probes"]["diagnostic"]["verdict"].startswith(("avoidance", "destruction"))
+    guidance = report["probes"]["guidance"]
+    assert guidance["N"] == 3 and guidance["settings"]["classifier_held_out_accuracy"]["0"] >= 0.9
+    attack = report["probes"]["adversarial"]["settings"]
+    assert attack["loss_after"] <= attack["loss_before"] and attack["loss_evaluations"] == 1 + 20 * 9
+    neighbours = report["probes"]["interference"]["matrix"]["circle"]
+    assert len(neighbours) == 4 and "circle" not in neighbours
     assert "noise: recovered in" in printed and "(best of N = 6:" in printed
     sheet = Image.open(out / "probes.png")
     if os.environ.get("PROBE_SHEET_TO"):
         sheet.save(os.environ["PROBE_SHEET_TO"])
-    assert sheet.width > 12 * 128  # standard + inpainting + 4 completion + 6 noise columns
+    assert sheet.width > 17 * 128  # standard, inpainting, 4 completion, 6 noise, 3 guidance, inversion, attack

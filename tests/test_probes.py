@@ -110,3 +110,110 @@ def test_inpainting_repaints_only_the_masked_square_and_keeps_the_context_outsid
     assert not torch.equal(edited[0][:, inside], original[0][:, inside])
     result = probes.inpainting(pipe, edit, ["a photo of a cat"], [0, 1], SETTINGS)
     assert len(result.images) == 2 and result.images[0].size == (64, 64)
+
+
+def test_the_classifier_guided_sampler_is_plain_ddim_at_scale_zero_and_follows_the_gradient_otherwise(pipe, untouched):
+    from erasure.probes.guidance import ClassifierGuidedDDIMScheduler, LatentClassifier, guided_image
+    from erasure.probes.noisy import NoisyDDIMScheduler
+
+    torch.manual_seed(0)
+    classifier = LatentClassifier((4, 32, 32)).eval().requires_grad_(False)
+    unguided = guided_image(pipe, None, "a photo of a cat", 3, SETTINGS, classifier, 0.0)
+    assert np.array_equal(pixels(unguided), pixels(stock_ddim(pipe, "a photo of a cat", 3, 0.0)))
+    guided = guided_image(pipe, None, "a photo of a cat", 3, SETTINGS, classifier, 50.0)
+    assert not np.array_equal(pixels(guided), pixels(unguided))
+
+    # One step against the formula: ε̂ − √(1 − ᾱ_t) · s · ∇ log σ(f(x_t, t)), then the plain step.
+    plain = NoisyDDIMScheduler.from_config(pipe.scheduler.config)
+    steered = ClassifierGuidedDDIMScheduler.from_config(pipe.scheduler.config)
+    steered.classifier, steered.guidance_scale = classifier, 50.0
+    for scheduler in (plain, steered):
+        scheduler.set_timesteps(SETTINGS.steps)
+    t = int(plain.timesteps[0])
+    x, eps = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    x_grad = x.clone().requires_grad_(True)
+    alpha = plain.alphas_cumprod[t]
+    (gradient,) = torch.autograd.grad(torch.nn.functional.logsigmoid(classifier(x_grad, alpha)).sum(), x_grad)
+    expected = plain.step(eps - (1 - alpha) ** 0.5 * 50.0 * gradient, t, x).prev_sample
+    assert torch.allclose(steered.step(eps, t, x).prev_sample, expected, atol=1e-6)
+
+
+def test_the_latent_classifier_tells_the_target_from_its_neighbours_on_held_out_toy_images():
+    """Trained on the original toy model's latents of "circle" prompts against the same prompts with each other
+    shape: ≥ 90% right on 64 held-out clean latents (measured 97%); it leaves the global random stream as it
+    found it, and a second request with the same inputs is served from the cache."""
+    from erasure.generate import default_settings
+    from erasure.presets import load_preset, prompt_templates
+    from erasure.probes.guidance import latent_classifier
+
+    toy = erasure.load_pipeline("toy", device="cpu")
+    preset = load_preset("toy-circle")
+    prompts = [form.format("circle") for form in prompt_templates("toy-shape", full=True)[:4]]
+    settings = default_settings(toy)
+    stream = torch.random.get_rng_state()
+    trained = latent_classifier(toy, "circle", prompts, [*preset.anchors, *preset.retain], settings)
+    assert torch.equal(torch.random.get_rng_state(), stream)
+    assert trained.accuracy[0] >= 0.9, trained.accuracy
+    assert sum(trained.losses[-50:]) / 50 < 0.5 * sum(trained.losses[:50]) / 50
+    assert latent_classifier(toy, "circle", prompts, [*preset.anchors, *preset.retain], settings) is trained
+
+
+def test_the_probe_text_encoding_equals_the_pipelines_and_replaces_only_the_chosen_rows(pipe):
+    from erasure.probes.inversion import encode_rows, token_ids
+    from erasure.text import encode_texts
+
+    texts = ["a photo of a sks", "a cat"]
+    ids = token_ids(pipe, texts)
+    with torch.no_grad():
+        reference = pipe.text_encoder(ids)[0]  # the encoder's own forward on the same batch: the same bits
+        assert torch.equal(encode_rows(pipe, ids), reference)
+    cached = torch.stack([e.rows for e in encode_texts(pipe, texts, full_length=True)])  # batched by 8: close
+    assert torch.allclose(encode_rows(pipe, ids), cached, atol=1e-5)
+    replace = ids == pipe.tokenizer.convert_tokens_to_ids("sks</w>")
+    row = torch.randn(1, reference.shape[-1])
+    with torch.no_grad():
+        moved = encode_rows(pipe, ids, replace, row)
+    position = int(replace[0].nonzero())
+    assert torch.equal(moved[1], reference[1]) and torch.equal(moved[0, :position], reference[0, :position])
+    assert not torch.equal(moved[0, position], reference[0, position])
+
+
+def test_quick_textual_inversion_lowers_the_edited_models_loss_without_writing_anything(pipe, edit, untouched):
+    from erasure.probes.inversion import quick_textual_inversion
+
+    grads_before = [p.grad for p in pipe.text_encoder.parameters()]
+    inversion = quick_textual_inversion(pipe, edit, "cat", ["a photo of a cat", "a cat"], SETTINGS, steps=30,
+                                        images=4, initial_word="object")
+    before, after = inversion.held_loss
+    assert after < before, inversion.held_loss
+    assert inversion.prompts == ["a photo of a sks", "a sks"] and len(inversion.losses) == 30
+    assert [p.grad for p in pipe.text_encoder.parameters()] == grads_before  # the shared encoder untouched
+
+
+def test_the_adversarial_search_never_raises_its_loss_and_spends_exactly_its_budget(pipe, edit, untouched):
+    from erasure.probes.inversion import adversarial_search, token_ids
+
+    attack = adversarial_search(pipe, edit, "a photo of a cat", SETTINGS, tokens=3, iterations=6, candidates=4,
+                                images=2)
+    assert attack.evaluations == 1 + 6 * (4 + 1) and len(attack.losses) == 7
+    assert all(b <= a for a, b in zip(attack.losses, attack.losses[1:]))
+    assert attack.losses[-1] < attack.losses[0], attack.losses  # random weights: some swap always helps
+    prompt_ids = token_ids(pipe, ["a photo of a cat"])[0]
+    assert attack.ids[4:9] == prompt_ids[1:6].tolist()  # BOS, 3 searched tokens, then the prompt itself
+
+
+def test_interference_scores_the_nearest_concepts_on_both_models(pipe, edit, untouched):
+    from erasure.probes import interference as probe
+    from erasure.scoring import load_clip_scorer
+
+    judge = probes.Judge(pipe, edit, "object", scorer=load_clip_scorer("tiny"))
+    report, rendered = probe.interference(pipe, edit, ["a photo of a cat"], [0], SETTINGS, judge,
+                                                        "object", neighbours=3)
+    cells = report["matrix"]["cat"]
+    assert len(cells) == 3 and "cat" not in cells and "dog" in probe.candidate_concepts(pipe, edit, "object")
+    similarities = [cell["similarity"] for cell in cells.values()]
+    assert similarities == sorted(similarities, reverse=True)
+    assert all(0 <= cell[side] <= 1 and cell["images"] == 1 for cell in cells.values() for side in ("original", "edited"))
+    for neighbour, original, edited in rendered:  # the edited column is really the edited model
+        assert np.array_equal(pixels(original[0]), pixels(generate_images(pipe, [f"a photo of a {neighbour}"], [0],
+                                                                          SETTINGS)[0]))

@@ -2,12 +2,17 @@
 
 Each probe renders images of the target with the *edited* model under some pressure and returns them with
 what a recovery rate needs: the variant of every image, and N, the number of images per (prompt, seed) a
-best-of-N rate would pick from. Implemented here (the first slice of the paper's set):
+best-of-N rate would pick from. The set:
 
 - `standard`: the target prompts on the edited model (the baseline every other probe is compared with);
 - `diffusion_completion`: the original weights run the first k denoising steps, the edited ones the rest;
 - `noise_based`: DDIM with η (> 1 allowed) and a multiplier v on its noise, every variant from the same
   initial latent (the reference also changed the initial latent per variant, which made it best-of-24 seeds);
+- `classifier_guidance`: the edited model sampled toward the target by a latent classifier trained here on the
+  original model's images (guidance.py);
+- `textual_inversion` (quick) and `adversarial`: a learned token, and a budgeted search over prompt tokens, that
+  make the edited model denoise the original model's images of the target (inversion.py);
+- `interference`: the edit's effect on the target's nearest concepts (interference.py);
 - `diagnostic`: avoidance vs destruction, from original-model latents of the target noised at several t.
 
 Recovery is judged by the caller's judge (the toy world's classifier, or CLIP zero-shot on real models).
@@ -18,12 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from ..apply import applied
 from ..generate import Settings, generate_images
+from .noisy import NoisyDDIMScheduler
 
 
 @dataclass
@@ -104,40 +110,6 @@ def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], setting
                        {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
                         "mask": "centre square" if mask is None else "given", "strength": 1.0,
                         "context": "given" if context else "original model, same prompt and seed"})
-
-
-class NoisyDDIMScheduler(DDIMScheduler):
-    """DDIM whose step takes any η ≥ 0 and a multiplier v on the injected noise:
-
-        x_{t-1} = √ᾱ_{t-1} x̂₀ + √|1 − ᾱ_{t-1} − (η σ_t)²| ε̂ + v η σ_t z
-
-    (the |·| keeps the root real for η > 1, as in the paper's code). With η = 0 it is plain DDIM."""
-
-    noise_multiplier: float = 1.0
-
-    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
-             generator=None, variance_noise=None, return_dict: bool = True):
-        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if self.config.prediction_type != "epsilon" or self.config.thresholding or use_clipped_model_output:
-            raise ValueError("the noise-based probe supports ε-prediction DDIM without thresholding")
-        previous = timestep - self.config.num_train_timesteps // self.num_inference_steps
-        alpha = self.alphas_cumprod[timestep]
-        alpha_prev = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
-        x0 = (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
-        if self.config.clip_sample:
-            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        sigma = eta * self._get_variance(timestep, previous) ** 0.5
-        prev_sample = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2).abs() ** 0.5 * model_output
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                              dtype=model_output.dtype)
-            prev_sample = prev_sample + self.noise_multiplier * sigma * variance_noise
-        if not return_dict:
-            return prev_sample, x0
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
 def noise_based(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
@@ -229,14 +201,82 @@ def original_latents(pipe, prompt: str, seeds: Sequence[int], settings: Settings
     return torch.stack(out).float()
 
 
-PROBES = ("standard", "inpainting", "completion", "noise", "diagnostic")
+PROBES = ("standard", "inpainting", "completion", "noise", "guidance", "inversion", "adversarial", "interference",
+          "diagnostic")
+PROBE_TITLES = {"standard": "standard prompt", "inpainting": "inpainting", "completion": "diffusion completion",
+                "noise": "noise-based", "guidance": "classifier guidance", "inversion": "quick textual inversion",
+                "adversarial": "adversarial prompt", "interference": "interference",
+                "diagnostic": "avoidance vs destruction"}
+
+
+def classifier_guidance(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+                        scales: Sequence[float] = (30, 100, 300), progress=None) -> ProbeImages:
+    """The edited model sampled (DDIM) with a latent classifier's guidance at each scale, from the same initial
+    latent: N = len(scales). The classifier is trained on the original model's images first (cached)."""
+    from .guidance import guided_image, latent_classifier
+
+    trained = latent_classifier(pipe, edit.targets[0], prompts, [*edit.anchors, *edit.retain], settings,
+                                progress=progress)
+    images, variants, texts, seed_list = [], [], [], []
+    for prompt in prompts:
+        for seed in seeds:
+            for scale in scales:
+                images.append(guided_image(pipe, edit, prompt, int(seed), settings, trained.classifier, scale))
+                variants.append(f"scale={scale:g}")
+                texts.append(prompt)
+                seed_list.append(int(seed))
+    spec = trained.spec
+    return ProbeImages("classifier guidance", images, variants, texts, seed_list, len(scales),
+                       {"steps": settings.steps, "guidance": settings.guidance, "scheduler": "ddim",
+                        "scales": list(scales), "classifier_held_out_accuracy": trained.accuracy,
+                        "classifier_images_per_class": spec.images_per_class, "classifier_steps": spec.steps,
+                        "classifier_negatives": list(spec.negatives)})
+
+
+def textual_inversion(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+                      progress=None, **options) -> ProbeImages:
+    """A quick textual inversion on the edited model, then the target prompts with the learned token in the
+    target's place (N = 1)."""
+    from .inversion import inversion_conditioning, quick_textual_inversion, render_conditioned
+
+    inversion = quick_textual_inversion(pipe, edit, edit.targets[0], prompts, settings, progress=progress, **options)
+    images, texts, seed_list = [], [], []
+    for prompt, learned in zip(prompts, inversion.prompts):
+        images += render_conditioned(pipe, edit, inversion_conditioning(pipe, inversion, learned), seeds, settings)
+        texts += [prompt] * len(seeds)
+        seed_list += [int(s) for s in seeds]
+    return ProbeImages("quick textual inversion", images, ["inversion"] * len(images), texts, seed_list, 1,
+                       {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
+                        "quick": "a short run, weaker than the paper's 3000 x 4 steps",
+                        "training_steps": len(inversion.losses), "initial_word": inversion.initial_word,
+                        "held_out_loss_before": inversion.held_loss[0], "held_out_loss_after": inversion.held_loss[1],
+                        "prompts": inversion.prompts})
+
+
+def adversarial(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+                progress=None, **options) -> ProbeImages:
+    """A budgeted token search on the first prompt, then that adversarial prompt on every seed: the share of
+    seeds recovered is the attack success rate (N = 1 per seed; the search's budget is in the settings)."""
+    from .inversion import adversarial_search, encode_rows, render_conditioned
+
+    attack = adversarial_search(pipe, edit, prompts[0], settings, progress=progress, **options)
+    with torch.no_grad():
+        conditioning = encode_rows(pipe, torch.tensor([attack.ids]))
+    images = render_conditioned(pipe, edit, conditioning, seeds, settings)
+    return ProbeImages("adversarial prompt", images, ["adversarial"] * len(images), [prompts[0]] * len(images),
+                       [int(s) for s in seeds], 1,
+                       {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
+                        "attacked_prompt": prompts[0], "adversarial_prompt": attack.text,
+                        "loss_evaluations": attack.evaluations, "loss_before": attack.losses[0],
+                        "loss_after": attack.losses[-1]})
 
 
 class Judge:
     """Which images show the target: the toy world's classifier on `toy`, else CLIP zero-shot of the target
-    against the edit's anchors and retain concepts and a generic photo (the first class wins = recovered)."""
+    against the edit's anchors and retain concepts and a generic photo (the first class wins = recovered).
+    `scorer`: a loaded CLIP scorer to use (default: the standard one)."""
 
-    def __init__(self, pipe, edit, kind: str):
+    def __init__(self, pipe, edit, kind: str, scorer=None):
         from ..pipeline import pipeline_state
         from ..toy import TOY_MODEL
 
@@ -250,40 +290,85 @@ class Judge:
         from ..presets import concept_text
         from ..scoring import load_clip_scorer
 
-        self.scorer = load_clip_scorer()
+        self.scorer = scorer or load_clip_scorer()
         others = list(dict.fromkeys(c for c in [*edit.anchors, *edit.retain[:9]] if c and c != self.target))
+        self.kind = kind
         texts = [concept_text(kind, c) for c in [self.target, *others]] + ["a photo"]
         self.classes = self.scorer.text_features(texts)
         self.name = f"CLIP {self.scorer.backbone} zero-shot: {self.target!r} vs {len(texts) - 1} other texts"
 
     def __call__(self, images) -> "np.ndarray":
-        import numpy as np
-
         from ..scoring import zero_shot_predictions
 
         if self.toy:
             return np.asarray(self.judge(images).finds(self.target))
         return zero_shot_predictions(self.scorer.image_features(images), self.classes) == 0
 
+    def shows(self, images, concept: str) -> "np.ndarray":
+        """Which images show `concept` (e.g. a neighbour of the target): the toy judge's reading, or CLIP
+        zero-shot of the concept against the target and the same other texts."""
+        from ..presets import concept_text
+        from ..scoring import zero_shot_predictions
+
+        if self.toy:
+            return np.asarray(self.judge(images).finds(concept))
+        classes = torch.cat([self.scorer.text_features([concept_text(self.kind, concept)]), self.classes])
+        return zero_shot_predictions(self.scorer.image_features(images), classes) == 0
+
+
+class Progress:
+    """A probe run's progress: `step(message)` inside a probe (a training step, a batch) and `finish(probe)` after
+    it report (probes done, probes in all, message) and raise TrainingCancelled when the run was asked to stop."""
+
+    def __init__(self, total: int, on_step=None, should_stop=None):
+        self.total, self.done, self.on_step, self.should_stop = total, 0, on_step, should_stop
+
+    def step(self, message: str = "") -> None:
+        from ..training import TrainingCancelled
+
+        if self.on_step:
+            self.on_step(self.done, self.total, message)
+        if self.should_stop and self.should_stop():
+            raise TrainingCancelled(f"probing cancelled after {self.done} of {self.total} probes")
+
+    def finish(self, name: str) -> None:
+        self.done += 1
+        self.step(f"{PROBE_TITLES[name]} done")
+
 
 def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
-               judge) -> tuple[dict, list[ProbeImages]]:
+               judge, kind: str = "object", on_step=None, should_stop=None) -> tuple[dict, list[ProbeImages]]:
     """Every named probe on `edit`: a JSON-ready report (recovery rates with N, seeds and settings) and the
-    images, for a sheet."""
-    import numpy as np
+    images, for a sheet. `on_step(probes done, probes in all, message)` is called during and after each probe;
+    `should_stop()` is polled then (TrainingCancelled ends the run)."""
+    from .interference import interference
 
+    unknown = [name for name in names if name not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}")
     report = {"target": edit.targets[0], "method": edit.method, "judge": judge.name, "prompts": list(prompts),
               "seeds": [int(s) for s in seeds], "steps": settings.steps, "guidance": settings.guidance,
               "probes": {}}
     rendered = []
+    progress = Progress(len(names), on_step, should_stop)
+    plain = {"standard": standard, "inpainting": inpainting, "completion": diffusion_completion, "noise": noise_based}
+    with_progress = {"guidance": classifier_guidance, "inversion": textual_inversion, "adversarial": adversarial}
     for name in names:
+        progress.step(f"running {PROBE_TITLES[name]}")
         if name == "diagnostic":
             result = diagnostic(pipe, edit, prompts[0], seeds, settings)
             report["probes"][name] = {**vars(result), "prompt": prompts[0], "verdict": result.verdict()}
+            progress.finish(name)
             continue
-        probe = {"standard": standard, "inpainting": inpainting, "completion": diffusion_completion,
-                 "noise": noise_based}[name]
-        images = probe(pipe, edit, prompts, seeds, settings)
+        if name == "interference":
+            report["probes"][name], _ = interference(pipe, edit, prompts, seeds, settings, judge, kind,
+                                                     progress=progress)
+            progress.finish(name)
+            continue
+        if name in plain:
+            images = plain[name](pipe, edit, prompts, seeds, settings)
+        else:
+            images = with_progress[name](pipe, edit, prompts, seeds, settings, progress=progress)
         seen = judge(images.images)
         by_variant = {v: float(seen[[x == v for x in images.variants]].mean()) for v in dict.fromkeys(images.variants)}
         best_of_n = np.asarray(seen).reshape(-1, images.per_sample).any(1)
@@ -291,7 +376,33 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
                                   "recovery_rate": float(seen.mean()), "best_of_N_rate": float(best_of_n.mean()),
                                   "by_variant": by_variant, "settings": images.settings}
         rendered.append(images)
+        progress.finish(name)
     return report, rendered
+
+
+def recovery_table(reports: Sequence[dict]) -> list[dict]:
+    """Methods × probes: one row per report (an edit's run), one column per probe with its recovery rate (best of
+    N beside it when N > 1) or the diagnostic's verdict word."""
+    rows = []
+    for report in reports:
+        row = {"edit": f"{report['method']}: {report['target']}"}
+        for name, result in report["probes"].items():
+            title = PROBE_TITLES.get(name, name)
+            if "recovery_rate" in result:
+                cell = f"{result['recovery_rate']:.0%}"
+                if result["N"] > 1:
+                    cell += f" (best of {result['N']}: {result['best_of_N_rate']:.0%})"
+                row[title] = cell + f" of {result['images']}"
+            elif "verdict" in result:
+                row[title] = result["verdict"].split(":")[0]
+            elif "matrix" in result:
+                changes = [(cell["edited"] - cell["original"], neighbour)
+                           for cells in result["matrix"].values() for neighbour, cell in cells.items()]
+                if changes:
+                    change, neighbour = min(changes)
+                    row[title] = f"{neighbour} {change * 100:+.0f} pts (largest fall of {len(changes)})"
+        rows.append(row)
+    return rows
 
 
 def probe_sheet(rendered: Sequence[ProbeImages], cell: int = 128):
@@ -299,12 +410,12 @@ def probe_sheet(rendered: Sequence[ProbeImages], cell: int = 128):
     from ..generate import comparison_grid
 
     columns, titles = [], []
-    first = rendered[0]
-    rows = list(dict.fromkeys(zip(first.prompts, first.seeds)))
+    rows = list(dict.fromkeys(row for images in rendered for row in zip(images.prompts, images.seeds)))
     for images in rendered:
         for variant in dict.fromkeys(images.variants):
             picked = {(p, s): im for im, v, p, s in zip(images.images, images.variants, images.prompts, images.seeds)
                       if v == variant}
-            columns.append([picked[row] for row in rows])
+            blank = Image.new("RGB", next(iter(picked.values())).size, (255, 255, 255))
+            columns.append([picked.get(row, blank) for row in rows])  # e.g. the attack runs on one prompt
             titles.append(variant if images.probe != "standard" else "standard")
     return comparison_grid([f"{p} · seed {s}" for p, s in rows], titles, columns, cell=cell)

@@ -1,0 +1,39 @@
+"""DDIM with any η ≥ 0 and a multiplier on its injected noise (the noise-based probe's sampler)."""
+
+from __future__ import annotations
+
+from diffusers import DDIMScheduler
+
+
+class NoisyDDIMScheduler(DDIMScheduler):
+    """DDIM whose step takes any η ≥ 0 and a multiplier v on the injected noise:
+
+        x_{t-1} = √ᾱ_{t-1} x̂₀ + √|1 − ᾱ_{t-1} − (η σ_t)²| ε̂ + v η σ_t z
+
+    (the |·| keeps the root real for η > 1, as in the paper's code). With η = 0 it is plain DDIM."""
+
+    noise_multiplier: float = 1.0
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None, variance_noise=None, return_dict: bool = True):
+        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if self.config.prediction_type != "epsilon" or self.config.thresholding or use_clipped_model_output:
+            raise ValueError("the noise-based probe supports ε-prediction DDIM without thresholding")
+        previous = timestep - self.config.num_train_timesteps // self.num_inference_steps
+        alpha = self.alphas_cumprod[timestep]
+        alpha_prev = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
+        x0 = (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        sigma = eta * self._get_variance(timestep, previous) ** 0.5
+        prev_sample = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2).abs() ** 0.5 * model_output
+        if eta > 0:
+            if variance_noise is None:
+                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                              dtype=model_output.dtype)
+            prev_sample = prev_sample + self.noise_multiplier * sigma * variance_noise
+        if not return_dict:
+            return prev_sample, x0
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
