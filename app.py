@@ -274,8 +274,10 @@ class Studio:
             judge = Judge(self.pipe, edit, kind, scorer=self.scorer)
             report, rendered = run_probes(self.pipe, edit, names, prompts, seeds, self.defaults, judge,
                                           on_step=step, should_stop=should_stop)
+            # A sheet per probe, not one per edit: all variants of every probe side by side are thousands of
+            # pixels wide, too small to read at the page's width.
             results.append({"label": label, "params": edit.params, "report": report,
-                            "sheet": probe_sheet(rendered) if rendered else None})
+                            "sheets": [(probe_sheet([images]), f"{label} · {images.probe}") for images in rendered]})
         return results
 
     def poll_probes(self, request: gr.Request):
@@ -300,10 +302,10 @@ class Studio:
         path.write_text(json.dumps({"model": self.model_id, "settings": dataclasses.asdict(self.defaults),
                                     "edits": [{"label": r["label"], "params": r["params"], **r["report"]}
                                               for r in results]}, indent=2), "utf-8")
-        sheets = [(r["sheet"], r["label"]) for r in results if r["sheet"] is not None]
+        sheets = [sheet for r in results for sheet in r["sheets"]]
         status = (f"**Probes**: done in {(job.ended or time.monotonic()) - job.started:.0f} s "
                   f"({len(results)} edit(s) × {len(results[0]['report']['probes'])} probe(s)).")
-        return (status, *idle, probe_table(results), gr.Gallery(value=sheets or None),
+        return (status, *idle, probe_table_view(results), gr.Gallery(value=sheets or None),
                 probe_note(results, self.defaults), str(path))
 
     def cancel_probes(self, request: gr.Request):
@@ -322,7 +324,7 @@ class Studio:
     @staticmethod
     def clear_probe_results():
         """A new run's results replace the last ones; until they come, none are shown as if they were its."""
-        return probe_table([]), gr.Gallery(value=None), "", None
+        return probe_table_view([]), gr.Gallery(value=None), "", None
 
     # -- comparison -------------------------------------------------------------------------------------
     async def generate(self, erase_prompts: str, keep_prompts: str, seeds: str, steps: float, guidance: float,
@@ -483,6 +485,19 @@ def probe_table(results: list[dict]) -> pd.DataFrame:
             for result, row in zip(results, recovery_table([r["report"] for r in results]))]
     columns = ["edit", *(rows[0] if rows else (PROBE_TITLES.get(name, name) for name in PROBES))]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(columns)))
+
+
+def probe_column_widths(table: pd.DataFrame) -> list[str]:
+    """Probe columns share the width equally, so that nine or more fit the page (their cells wrap) instead of the
+    widest text pushing the last ones out of sight."""
+    probes = max(1, len(table.columns) - 1)
+    return ["12%", *[f"{88 / probes:.2f}%"] * probes]
+
+
+def probe_table_view(results: list[dict]) -> gr.Dataframe:
+    """An update of the page's table: the rows and their column widths (an update made outside the layout)."""
+    table = probe_table(results)
+    return gr.Dataframe(table, column_widths=probe_column_widths(table))
 
 
 def own_samplers(report: dict, settings: Settings) -> str:
@@ -788,10 +803,13 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                              min_width=140)
                 probe_timer = gr.Timer(1.0, active=False)
                 probe_status = gr.Markdown(elem_id="probe-status")
-                recovery = gr.Dataframe(probe_table([]), label="Recovered: share of each probe's images that show the "
-                                        "target", interactive=False, wrap=True, elem_id="probe-table")
+                recovery = gr.Dataframe(probe_table([]), column_widths=probe_column_widths(probe_table([])),
+                                        label="Per edit and probe: the share of its images that show the target "
+                                              "(or, for a probe that counts no images, what it found)",
+                                        interactive=False, wrap=True, elem_id="probe-table")
                 recovery_note = gr.Markdown(elem_id="probe-note")
-                probe_sheets = gr.Gallery(label="Image sheets: a row per prompt and seed, a column per probe variant",
+                probe_sheets = gr.Gallery(label="Image sheets: per edit and probe, a row per prompt and seed, a "
+                                                "column per variant",
                                           columns=1, height="auto", format="png", object_fit="contain",
                                           elem_id="probe-sheets", buttons=["download", "fullscreen"])
                 probe_file = gr.File(label="All reports (JSON: judge, N, prompts, seeds, settings, rates)",

@@ -572,13 +572,18 @@ def test_probes_run_in_the_background_with_a_row_per_edit_and_a_column_per_probe
     status, table, sheets, note, probe_file = poll_probes_until_finished(client)
     assert re.fullmatch(r"\*\*Probes\*\*: done in \d+ s \(2 edit\(s\) × 2 probe\(s\)\)\.", status), status
 
+    assert table["column_widths"] == ["12%", "44.00%", "44.00%"]  # probe columns share the width
+    table = table["value"]
     assert table["headers"] == ["edit", "standard prompt", "noise-based"]
     assert [row[0] for row in table["data"]] == edits
     # 2 prompts x 1 seed: 2 standard images, 12 noise-based ones (N = 6 per prompt and seed)
     assert all(re.fullmatch(r"\d+% of 2", row[1]) and re.fullmatch(r"\d+% \(best of 6: \d+%\) of 12", row[2])
                for row in table["data"]), table["data"]
-    assert [item["caption"] for item in gallery_items(sheets)] == edits
-    assert Image.open(gallery_items(sheets)[0]["image"]).size[0] > 7 * 64  # a column per variant
+    # A sheet per edit and probe; noise-based has a column per (η, v) variant.
+    assert [item["caption"] for item in gallery_items(sheets)] == [f"{label} · {probe}" for label in edits
+                                                                  for probe in ("standard", "noise-based")]
+    standard, noise = (Image.open(item["image"]).size[0] for item in gallery_items(sheets)[:2])
+    assert noise - standard == 5 * 128  # 6 variant columns of 128 px instead of 1
     assert "**Judge**: CLIP tiny" in note and "N = 6" in note and "2 prompt(s) × 1 seed(s) (0); 3 steps" in note
 
     record = json.loads(Path(probe_file).read_text("utf-8"))
@@ -655,6 +660,8 @@ def test_the_probe_table_names_every_probe_before_any_run(server):
     by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     titles = [PROBE_TITLES[name] for name in PROBES]
     assert by_id["probe-table"].value["headers"] == ["edit", *titles]
+    tables = [block for block in demo.blocks.values() if isinstance(block, gr.Dataframe)]
+    assert [table.elem_id for table in tables] == ["layers", "summary", "probe-table"]  # no stray copy on the page
     assert [value for _, value in by_id["probe-names"].choices] == list(PROBES)
     assert by_id["probe-names"].value == list(PROBES)  # all ticked
     assert by_id["cancel-probes"].interactive is False
