@@ -85,7 +85,7 @@ class Studio:
         self.edits = EditStore()
         self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
-        self.jobs = Jobs(slots=1)  # a session's one job; trained methods: one private copy of the denoiser at a time
+        self.jobs = Jobs(slots=1)  # training and probe runs: one private copy of the denoiser at a time
         self.demo: gr.Blocks | None = None  # set by build_demo
         # Downloads are written inside Gradio's cache folder, which Gradio serves in place: one copy per file
         # (a file anywhere else is copied into the cache when returned). The folder goes when the app does.
@@ -464,7 +464,7 @@ def param_component(method: str, name: str, spec: dict):
 
 def job_progress(job) -> str:
     if job.state == "waiting":
-        return f"**{job.label}**: waiting for another session's training job to finish..."
+        return f"**{job.label}**: waiting for another session's background job to finish..."
     seconds = f"{time.monotonic() - job.started:.0f} s"
     if job.kind == "probes":
         return f"**Probes**: {job.message or 'starting...'} · {seconds}"

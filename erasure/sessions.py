@@ -106,10 +106,9 @@ class Job:
 
 
 class Jobs:
-    """Background jobs: one per session, of any kind; at most `slots` training at once (each holds a private copy
-    of the denoiser, so the slots bound memory) while the others wait their turn. Other kinds (probes) use the
-    resident pipeline under its lock, as a generation does, and start at once. Jobs run in their own threads,
-    not in a request: the page polls, other requests and sessions go on."""
+    """Background jobs: one per session, of any kind, at most `slots` running at once (training, and probes that
+    search or invert, hold a private copy of the denoiser, so the slots bound memory); the others wait their
+    turn. Jobs run in their own threads, not in a request: the page polls, other requests and sessions go on."""
 
     def __init__(self, slots: int = 1):
         self._slots = threading.Semaphore(slots)
@@ -139,8 +138,7 @@ class Jobs:
         def on_step(done, total, loss=math.nan, message=""):
             job.done, job.total, job.loss, job.message = done, total, loss, message
 
-        slotted = job.kind == "training"
-        while slotted and not self._slots.acquire(timeout=0.2):  # a job cancelled while it waits ends at once
+        while not self._slots.acquire(timeout=0.2):  # a job cancelled while it waits ends at once
             if job.cancel.is_set():
                 job.ended, job.state = time.monotonic(), "cancelled"
                 return
@@ -161,8 +159,7 @@ class Jobs:
                 job.error, job.state = f"{type(error).__name__}: {error}", "failed"
         finally:
             job.ended = job.ended or time.monotonic()
-            if slotted:
-                self._slots.release()
+            self._slots.release()
 
     def get(self, session: str) -> Job | None:
         with self._lock:

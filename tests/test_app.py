@@ -665,3 +665,16 @@ def test_the_probe_table_names_every_probe_before_any_run(server):
     assert [value for _, value in by_id["probe-names"].choices] == list(PROBES)
     assert by_id["probe-names"].value == list(PROBES)  # all ticked
     assert by_id["cancel-probes"].interactive is False
+
+
+def test_a_probe_run_waits_while_another_session_trains(server, client, untouched):
+    # Searches and inversions copy the denoiser as training does: one such copy server-wide.
+    trainer = Client(server[1], verbose=False)
+    trainer.predict("cat", "", "", "esd-x", **{**ESD_FAST, "esd-x_iterations": 1000}, api_name="/erase")
+    erase(client, "Snoopy")
+    client.predict(probe_edits(client), ["standard"], "a photo of Snoopy", "0", "object", api_name="/start_probes")
+    time.sleep(1.0)
+    assert "waiting for another session's background job" in client.predict(api_name="/poll_probes")[0]
+    assert trainer.predict(api_name="/cancel_training").startswith("Cancelling the training job")
+    assert poll_until_finished(trainer)[2] == "**ESD-X: cat**: cancelled; nothing was kept."
+    assert "done in" in poll_probes_until_finished(client)[0]
