@@ -77,7 +77,7 @@ class TrainedClassifier:
     losses: list[float]  # training loss per step
 
 
-CLASSIFIERS: LRU[TrainedClassifier] = LRU(max_bytes=1 << 30, size=lambda c: tensor_bytes(
+CLASSIFIERS: LRU[TrainedClassifier] = LRU(max_bytes=64 << 20, size=lambda c: tensor_bytes(
     *c.classifier.state_dict().values()))
 
 
@@ -127,15 +127,16 @@ def train_classifier(pipe, spec: ClassifierSpec, settings, progress=None) -> Tra
         latents += generate_pairs(pipe, pairs[start:start + 16], settings, None, latents=True)
         if progress:
             progress.step(f"classifier data {min(start + 16, len(pairs))} of {len(pairs)} images")
-    latents = torch.stack(latents)
-    labels = torch.cat([torch.ones(count), torch.zeros(count)])
+    device = pipe.device  # the classifier trains where the model runs (a GPU makes its 600 steps seconds)
+    latents = torch.stack(latents).to(device)
+    labels = torch.cat([torch.ones(count), torch.zeros(count)]).to(device)
     held = torch.zeros(2 * count, dtype=torch.bool)  # the last seeds of each class are held out
     held[count - spec.held_out: count] = held[2 * count - spec.held_out:] = True
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    alphas = pipe.scheduler.alphas_cumprod.float().to(device)
 
     torch_state = torch.random.get_rng_state()  # initialisation draws from the global stream: seed it, then put
     torch.manual_seed(spec.seed)                # the stream back so nothing else changes
-    classifier = LatentClassifier(latents.shape[1:])
+    classifier = LatentClassifier(latents.shape[1:]).to(device)
     torch.random.set_rng_state(torch_state)
     optimiser = torch.optim.AdamW(classifier.parameters(), lr=spec.lr, weight_decay=1e-3)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -144,9 +145,9 @@ def train_classifier(pipe, spec: ClassifierSpec, settings, progress=None) -> Tra
     losses = []
     classifier.train()
     for step in range(spec.steps):
-        pick = torch.randint(len(train_x), (spec.batch,), generator=generator)
-        t = torch.randint(len(alphas), (spec.batch,), generator=generator)
-        noise = torch.randn(train_x[pick].shape, generator=generator)
+        pick = torch.randint(len(train_x), (spec.batch,), generator=generator).to(device)
+        t = torch.randint(len(alphas), (spec.batch,), generator=generator).to(device)
+        noise = torch.randn(train_x[pick].shape, generator=generator).to(device)
         alpha = alphas[t].reshape(-1, 1, 1, 1)
         noisy = alpha.sqrt() * train_x[pick] + (1 - alpha).sqrt() * noise
         loss = loss_fn(classifier(noisy, alphas[t]), train_y[pick])
@@ -164,7 +165,7 @@ def train_classifier(pipe, spec: ClassifierSpec, settings, progress=None) -> Tra
 @torch.no_grad()
 def held_out_accuracy(classifier, latents, labels, alphas, seed: int,
                       timesteps: Sequence[int] = (0, 200, 400, 600, 800)) -> dict[int, float]:
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 1)).to(latents.device)
     accuracy = {}
     for t in timesteps:
         alpha = alphas[t]
