@@ -272,7 +272,7 @@ class Studio:
 
             on_step(i * len(names), total, message=f"{where} · running probe 1 of {len(names)}")
             judge = Judge(self.pipe, edit, kind, scorer=self.scorer)
-            report, rendered = run_probes(self.pipe, edit, names, prompts, seeds, self.defaults, judge,
+            report, rendered = run_probes(self.pipe, edit, names, prompts, seeds, self.defaults, judge, kind,
                                           on_step=step, should_stop=should_stop)
             # A sheet per probe, not one per edit: all variants of every probe side by side are thousands of
             # pixels wide, too small to read at the page's width.

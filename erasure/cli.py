@@ -109,8 +109,9 @@ def cmd_probe(args) -> None:
         probe_sheet(rendered).save(out / "probes.png")
     for name, result in report["probes"].items():
         if "recovery_rate" in result:
+            baseline = f"; the same prompt unprobed: {result['baseline_rate']:.0%}" if "baseline_rate" in result else ""
             print(f"{name}: recovered in {result['recovery_rate']:.0%} of {result['images']} images "
-                  f"(best of N = {result['N']}: {result['best_of_N_rate']:.0%})")
+                  f"(best of N = {result['N']}: {result['best_of_N_rate']:.0%}{baseline})")
         elif "matrix" in result:
             for target, cells in result["matrix"].items():
                 print(f"{name}: {target} -> " + ", ".join(

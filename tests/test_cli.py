@@ -126,6 +126,7 @@ def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path
     assert guidance["N"] == 3 and guidance["settings"]["classifier_held_out_accuracy"]["0"] >= 0.9
     attack = report["probes"]["adversarial"]["settings"]
     assert attack["loss_after"] <= attack["loss_before"] and attack["loss_evaluations"] == 1 + 20 * 9
+    assert 0 <= report["probes"]["adversarial"]["baseline_rate"] <= 1
     neighbours = report["probes"]["interference"]["matrix"]["circle"]
     assert len(neighbours) == 4 and "circle" not in neighbours
     assert "noise: recovered in" in printed and "(best of N = 6:" in printed

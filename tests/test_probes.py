@@ -35,6 +35,8 @@ def test_diffusion_completion_runs_from_the_edited_to_the_original_model(pipe, e
         assert np.array_equal(pixels(k0), pixels(edited[i])) and np.array_equal(pixels(k3), pixels(original[i]))
         assert not np.array_equal(pixels(k1), pixels(edited[i]))  # k = 1 is neither end
     assert not np.array_equal(pixels(edited[0]), pixels(original[0]))
+    short = probes.diffusion_completion(pipe, edit, ["a photo of a cat"], [0], SETTINGS)  # 3 steps: k = 1, 2
+    assert short.variants == ["k=1", "k=2"] and np.array_equal(pixels(short.images[0]), pixels(k1))
 
 
 def stock_ddim(pipe, prompt, seed, eta):

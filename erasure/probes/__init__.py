@@ -41,6 +41,7 @@ class ProbeImages:
     seeds: list[int]  # per image
     per_sample: int  # N: images per (prompt, seed); a best-of-N rate picks one of them
     settings: dict = field(default_factory=dict)
+    baseline: list[Image.Image] = field(default_factory=list)  # the same prompts and seeds without the probe
 
 
 def standard(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings) -> ProbeImages:
@@ -51,9 +52,11 @@ def standard(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings:
 
 
 def diffusion_completion(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
-                         ks: Sequence[int] = (1, 2, 3, 5)) -> ProbeImages:
+                         ks: Sequence[int] | None = None) -> ProbeImages:
     """Per k: the original model denoises steps 0..k-1 and the edit the rest (k = 0: the edited model alone;
-    k = steps: the original model). Each k is its own variant, not a pick: N = 1 per k."""
+    k = steps: the original model). Each k is its own variant, not a pick: N = 1 per k. Default: k = 1, 2, 3, 5
+    where fewer than the run's steps (a 3-step run gets 1 and 2)."""
+    ks = [k for k in (1, 2, 3, 5) if k < settings.steps] or [0] if ks is None else list(ks)
     by_k = {k: generate_images(pipe, prompts, seeds, settings, edit, edit_from_step=k) for k in ks}
     images, variants, texts, seed_list = [], [], [], []
     for i, (prompt, seed) in enumerate((p, int(s)) for p in prompts for s in seeds):
@@ -263,12 +266,13 @@ def adversarial(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settin
     with torch.no_grad():
         conditioning = encode_rows(pipe, torch.tensor([attack.ids]))
     images = render_conditioned(pipe, edit, conditioning, seeds, settings)
+    baseline = generate_images(pipe, prompts[:1], seeds, settings, edit)  # one prompt attacked: its own yardstick
     return ProbeImages("adversarial prompt", images, ["adversarial"] * len(images), [prompts[0]] * len(images),
                        [int(s) for s in seeds], 1,
                        {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
                         "attacked_prompt": prompts[0], "adversarial_prompt": attack.text,
                         "loss_evaluations": attack.evaluations, "loss_before": attack.losses[0],
-                        "loss_after": attack.losses[-1]})
+                        "loss_after": attack.losses[-1]}, baseline)
 
 
 class Judge:
@@ -375,6 +379,8 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
         report["probes"][name] = {"images": len(images.images), "N": images.per_sample,
                                   "recovery_rate": float(seen.mean()), "best_of_N_rate": float(best_of_n.mean()),
                                   "by_variant": by_variant, "settings": images.settings}
+        if images.baseline:
+            report["probes"][name]["baseline_rate"] = float(judge(images.baseline).mean())
         rendered.append(images)
         progress.finish(name)
     return report, rendered
@@ -393,6 +399,8 @@ def recovery_table(reports: Sequence[dict]) -> list[dict]:
                 if result["N"] > 1:
                     cell += f" (best of {result['N']}: {result['best_of_N_rate']:.0%})"
                 row[title] = cell + f" of {result['images']}"
+                if "baseline_rate" in result:
+                    row[title] += f" (unprobed: {result['baseline_rate']:.0%})"
             elif "verdict" in result:
                 row[title] = result["verdict"].split(":")[0]
             elif "matrix" in result:
