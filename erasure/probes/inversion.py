@@ -201,7 +201,7 @@ def adversarial_search(pipe, edit, prompt: str, settings, tokens: int = 5, itera
         with torch.no_grad():
             for _ in range(candidates):
                 position = int(torch.randint(tokens, (1,), generator=generator))
-                token = ranked[position, int(torch.randint(top_k, (1,), generator=generator))]
+                token = int(ranked[position, int(torch.randint(top_k, (1,), generator=generator))])
                 trial = ids.clone()
                 trial[positions[position]] = token
                 value = loss_of(trial).item()
