@@ -219,3 +219,18 @@ def test_interference_scores_the_nearest_concepts_on_both_models(pipe, edit, unt
     for neighbour, original, edited in rendered:  # the edited column is really the edited model
         assert np.array_equal(pixels(original[0]), pixels(generate_images(pipe, [f"a photo of a {neighbour}"], [0],
                                                                           SETTINGS)[0]))
+
+
+def test_a_probe_run_stops_inside_a_probe_when_asked_and_leaves_the_pipeline_as_it_was(pipe, edit, untouched):
+    """Cancel is polled per image inside a probe, not only between probes (on a real model one probe takes
+    minutes); messages say where the run is."""
+    from erasure.scoring import load_clip_scorer
+    from erasure.training import TrainingCancelled
+
+    messages = []
+    judge = probes.Judge(pipe, edit, "object", scorer=load_clip_scorer("tiny"))
+    with pytest.raises(TrainingCancelled):
+        probes.run_probes(pipe, edit, ["standard", "noise"], ["a photo of a cat"], [0, 1], SETTINGS, judge,
+                          on_step=lambda done, total, message: messages.append((done, total, message)),
+                          should_stop=lambda: len(messages) >= 5)
+    assert messages[-1] == (1, 2, "noise-based image 2 of 12"), messages

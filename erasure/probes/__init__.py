@@ -44,7 +44,8 @@ class ProbeImages:
     baseline: list[Image.Image] = field(default_factory=list)  # the same prompts and seeds without the probe
 
 
-def standard(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings) -> ProbeImages:
+def standard(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
+             progress=None) -> ProbeImages:
     images = generate_images(pipe, prompts, seeds, settings, edit)
     pairs = [(p, int(s)) for p in prompts for s in seeds]
     return ProbeImages("standard", images, ["standard"] * len(images), [p for p, _ in pairs], [s for _, s in pairs],
@@ -52,12 +53,16 @@ def standard(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings:
 
 
 def diffusion_completion(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
-                         ks: Sequence[int] | None = None) -> ProbeImages:
+                         ks: Sequence[int] | None = None, progress=None) -> ProbeImages:
     """Per k: the original model denoises steps 0..k-1 and the edit the rest (k = 0: the edited model alone;
     k = steps: the original model). Each k is its own variant, not a pick: N = 1 per k. Default: k = 1, 2, 3, 5
     where fewer than the run's steps (a 3-step run gets 1 and 2)."""
     ks = [k for k in (1, 2, 3, 5) if k < settings.steps] or [0] if ks is None else list(ks)
-    by_k = {k: generate_images(pipe, prompts, seeds, settings, edit, edit_from_step=k) for k in ks}
+    by_k = {}
+    for k in ks:
+        by_k[k] = generate_images(pipe, prompts, seeds, settings, edit, edit_from_step=k)
+        if progress:
+            progress.step(f"completion k = {k} rendered")
     images, variants, texts, seed_list = [], [], [], []
     for i, (prompt, seed) in enumerate((p, int(s)) for p in prompts for s in seeds):
         for k in ks:
@@ -80,7 +85,7 @@ def centre_mask(width: int, height: int) -> Image.Image:
 
 def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
                context: Image.Image | None = None, mask: Image.Image | None = None,
-               keep: list | None = None) -> ProbeImages:
+               keep: list | None = None, progress=None) -> ProbeImages:
     """Visual context: an image of the target (the original model's own, same prompt and seed, unless `context`
     is given) with `mask` (default: the centre square) repainted by the edited model, through the resident
     components (diffusers' inpainting loop; a 4-channel UNet re-imposes the noised context outside the mask at
@@ -109,6 +114,8 @@ def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], setting
             images.append(result.images[0])
             texts.append(prompt)
             seed_list.append(seed)
+            if progress:
+                progress.step(f"inpainting image {len(images)} of {len(contexts)}")
     return ProbeImages("inpainting", images, ["inpainting"] * len(images), texts, seed_list, 1,
                        {"steps": settings.steps, "guidance": settings.guidance, "scheduler": settings.scheduler,
                         "mask": "centre square" if mask is None else "given", "strength": 1.0,
@@ -116,7 +123,8 @@ def inpainting(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], setting
 
 
 def noise_based(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settings: Settings,
-                etas: Sequence[float] = (1.0, 1.34, 1.68), multipliers: Sequence[float] = (1.0, 1.03)) -> ProbeImages:
+                etas: Sequence[float] = (1.0, 1.34, 1.68), multipliers: Sequence[float] = (1.0, 1.03),
+                progress=None) -> ProbeImages:
     """Every (η, v) variant of each (prompt, seed) from the same initial latent and the same per-image noise
     stream: N = len(etas) × len(multipliers) images per sample, and a recovery rate over them is best-of-N."""
     images, variants, texts, seed_list = [], [], [], []
@@ -125,6 +133,9 @@ def noise_based(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settin
             for eta in etas:
                 for v in multipliers:
                     images.append(noisy_image(pipe, edit, prompt, int(seed), settings, eta, v))
+                    if progress:
+                        progress.step(f"noise-based image {len(images)} of "
+                                      f"{len(prompts) * len(seeds) * len(etas) * len(multipliers)}")
                     variants.append(f"eta={eta:g} v={v:g}")
                     texts.append(prompt)
                     seed_list.append(int(seed))
@@ -225,6 +236,8 @@ def classifier_guidance(pipe, edit, prompts: Sequence[str], seeds: Sequence[int]
         for seed in seeds:
             for scale in scales:
                 images.append(guided_image(pipe, edit, prompt, int(seed), settings, trained.classifier, scale))
+                if progress:
+                    progress.step(f"guided image {len(images)} of {len(prompts) * len(seeds) * len(scales)}")
                 variants.append(f"scale={scale:g}")
                 texts.append(prompt)
                 seed_list.append(int(seed))
@@ -355,8 +368,9 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
               "probes": {}}
     rendered = []
     progress = Progress(len(names), on_step, should_stop)
-    plain = {"standard": standard, "inpainting": inpainting, "completion": diffusion_completion, "noise": noise_based}
-    with_progress = {"guidance": classifier_guidance, "inversion": textual_inversion, "adversarial": adversarial}
+    rendering = {"standard": standard, "inpainting": inpainting, "completion": diffusion_completion,
+                 "noise": noise_based, "guidance": classifier_guidance, "inversion": textual_inversion,
+                 "adversarial": adversarial}
     for name in names:
         progress.step(f"running {PROBE_TITLES[name]}")
         if name == "diagnostic":
@@ -369,10 +383,7 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
                                                      progress=progress)
             progress.finish(name)
             continue
-        if name in plain:
-            images = plain[name](pipe, edit, prompts, seeds, settings)
-        else:
-            images = with_progress[name](pipe, edit, prompts, seeds, settings, progress=progress)
+        images = rendering[name](pipe, edit, prompts, seeds, settings, progress=progress)
         seen = judge(images.images)
         by_variant = {v: float(seen[[x == v for x in images.variants]].mean()) for v in dict.fromkeys(images.variants)}
         best_of_n = np.asarray(seen).reshape(-1, images.per_sample).any(1)
