@@ -5,6 +5,7 @@ what a recovery rate needs: the variant of every image, and N, the number of ima
 best-of-N rate would pick from. The set:
 
 - `standard`: the target prompts on the edited model (the baseline every other probe is compared with);
+- `inpainting`: an original-model image of the target with its centre repainted by the edited model;
 - `diffusion_completion`: the original weights run the first k denoising steps, the edited ones the rest;
 - `noise_based`: DDIM with η (> 1 allowed) and a multiplier v on its noise, every variant from the same
   initial latent (the reference also changed the initial latent per variant, which made it best-of-24 seeds);
