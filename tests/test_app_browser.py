@@ -288,7 +288,7 @@ def test_a_failed_request_names_its_reason_and_leaves_no_stale_result(app, page,
     assert page.locator("#erase-gallery img").count() == 0
     assert page.locator("#status [data-testid=status-tracker] .error:visible").count() == 0
     assert page.locator("#erase-gallery [data-testid=status-tracker] .error:visible").count() == 0
-    assert not page.is_enabled("#cancel")
+    page.wait_for_selector("#cancel:disabled", timeout=10_000)  # its own event; under load it may trail the status
     page.screenshot(path=str(shots / "failed-generation.png"), full_page=True)
 
     page.fill("#targets textarea", "")
@@ -454,8 +454,11 @@ def test_user_probes_an_erased_circle_and_reads_the_recovery_table_and_sheet(app
     assert report["label"] == "#1 UCE: circle" and report["judge"] == "toy judge" and report["seeds"] == [0]
     shown = dict(zip(titles[1:], cells[1:]))
     rated = {PROBE_TITLES[name]: result for name, result in report["probes"].items() if "recovery_rate" in result}
+    unprobed = {title: f" (unprobed: {result['baseline_rate']:.0%})" if "baseline_rate" in result else ""
+                for title, result in rated.items()}  # the adversarial prompt's own yardstick
     assert rated and all(shown[title].startswith(f"{result['recovery_rate']:.0%} ") and
-                         shown[title].endswith(f"of {result['images']}") for title, result in rated.items()), shown
+                         shown[title].endswith(f"of {result['images']}{unprobed[title]}")
+                         for title, result in rated.items()), shown
     assert shown[PROBE_TITLES["diagnostic"]] in ("avoidance", "destruction")
     assert page.locator("#probe-table").evaluate(BROKEN_WORDS) == []
     note = page.locator("#probe-note").inner_text()
