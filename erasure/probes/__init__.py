@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..apply import applied
 from ..generate import Settings, generate_images
-from .noisy import NoisyDDIMScheduler
+from .noisy import NoisyDDIMScheduler, single_image
 
 
 @dataclass
@@ -147,14 +147,9 @@ def noise_based(pipe, edit, prompts: Sequence[str], seeds: Sequence[int], settin
 
 def noisy_image(pipe, edit, prompt: str, seed: int, settings: Settings, eta: float, multiplier: float) -> Image.Image:
     """One image with the noisy DDIM sampler; the same seed gives the same initial latent and noise stream."""
-    from ..generate import swapped_scheduler
-
     scheduler = NoisyDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.noise_multiplier = multiplier
-    with applied(pipe, edit), swapped_scheduler(pipe, scheduler):
-        return pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                    height=settings.height, width=settings.width, eta=eta,
-                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return single_image(pipe, edit, seed, settings, scheduler, prompt=prompt, eta=eta)
 
 
 @dataclass
@@ -205,15 +200,11 @@ def diagnostic(pipe, edit, prompt: str, seeds: Sequence[int], settings: Settings
 
 
 def original_latents(pipe, prompt: str, seeds: Sequence[int], settings: Settings) -> torch.Tensor:
-    """The original model's final latents of `prompt` (before decoding), one call per seed so that a latent
-    does not depend on the other seeds."""
-    out = []
-    with applied(pipe, None):
-        for seed in seeds:
-            out.append(pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                            height=settings.height, width=settings.width, output_type="latent",
-                            generator=torch.Generator("cpu").manual_seed(int(seed))).images[0])
-    return torch.stack(out).float()
+    """The original model's final latents of `prompt` (before decoding), one per seed (generate's fixed batches:
+    a latent does not depend on the other seeds)."""
+    from ..generate import generate_pairs
+
+    return torch.stack(generate_pairs(pipe, [(prompt, int(s)) for s in seeds], settings, None, latents=True))
 
 
 PROBES = ("standard", "inpainting", "completion", "noise", "guidance", "inversion", "adversarial", "interference",
@@ -316,22 +307,26 @@ class Judge:
         self.name = f"CLIP {self.scorer.backbone} zero-shot: {self.target!r} vs {len(texts) - 1} other texts"
 
     def __call__(self, images) -> "np.ndarray":
-        from ..scoring import zero_shot_predictions
-
-        if self.toy:
-            return np.asarray(self.judge(images).finds(self.target))
-        return zero_shot_predictions(self.scorer.image_features(images), self.classes) == 0
+        return self.shows(images, self.target)
 
     def shows(self, images, concept: str) -> "np.ndarray":
-        """Which images show `concept` (e.g. a neighbour of the target): the toy judge's reading, or CLIP
+        """Which images show `concept` (the target, or e.g. a neighbour of it): the toy judge's reading, or CLIP
         zero-shot of the concept against the target and the same other texts."""
         from ..presets import concept_text
         from ..scoring import zero_shot_predictions
 
         if self.toy:
             return np.asarray(self.judge(images).finds(concept))
-        classes = torch.cat([self.scorer.text_features([concept_text(self.kind, concept)]), self.classes])
+        classes = self.classes
+        if concept != self.target:
+            classes = torch.cat([self.scorer.text_features([concept_text(self.kind, concept)]), classes])
         return zero_shot_predictions(self.scorer.image_features(images), classes) == 0
+
+
+def check_probe_names(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in PROBES]
+    if unknown:
+        raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}")
 
 
 class Progress:
@@ -361,9 +356,7 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
     `should_stop()` is polled then (TrainingCancelled ends the run)."""
     from .interference import interference
 
-    unknown = [name for name in names if name not in PROBES]
-    if unknown:
-        raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}")
+    check_probe_names(names)
     report = {"target": edit.targets[0], "method": edit.method, "judge": judge.name, "prompts": list(prompts),
               "seeds": [int(s) for s in seeds], "steps": settings.steps, "guidance": settings.guidance,
               "probes": {}}

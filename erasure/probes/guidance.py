@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..lru import LRU, tensor_bytes
-from .noisy import NoisyDDIMScheduler
+from .noisy import NoisyDDIMScheduler, single_image
 
 TRAINING_SEED_BASE = 30_000  # the classifier's own images never share a seed with the probe's
 
@@ -193,13 +193,7 @@ class ClassifierGuidedDDIMScheduler(NoisyDDIMScheduler):
 
 def guided_image(pipe, edit, prompt: str, seed: int, settings, classifier: LatentClassifier, scale: float):
     """One image of the edited model sampled with classifier guidance at `scale` (0: plain DDIM)."""
-    from ..apply import applied
-    from ..generate import swapped_scheduler
-
     scheduler = ClassifierGuidedDDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.classifier = classifier.to(pipe.device)
     scheduler.guidance_scale = scale
-    with applied(pipe, edit), swapped_scheduler(pipe, scheduler):
-        return pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                    height=settings.height, width=settings.width,
-                    generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return single_image(pipe, edit, seed, settings, scheduler, prompt=prompt)

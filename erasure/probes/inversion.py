@@ -46,19 +46,20 @@ def encode_rows(pipe, ids: torch.Tensor, replace: torch.Tensor | None = None, ro
     return model.final_layer_norm(hidden)
 
 
-@dataclass
-class Fit:
-    """Original-model latents of the target that a search fits, and the fixed noise/timesteps of its loss."""
-    latents: torch.Tensor  # [n, c, h, w]
-    unconditional: torch.Tensor  # [1, 77, d]
-
-
 def target_latents(pipe, prompts: Sequence[str], count: int, settings) -> torch.Tensor:
     from ..generate import generate_pairs
     from .guidance import training_pairs
 
     return torch.stack(generate_pairs(pipe, training_pairs(prompts, count, SEED_BASE), settings, None,
                                       latents=True))
+
+
+def fixed_noising(latents, timesteps: Sequence[int], generator: torch.Generator):
+    """Every latent at every timestep with one noise draw: a loss over them is comparable from call to call.
+    Returns (latents, timesteps, noise), timestep-major."""
+    t = torch.tensor(list(timesteps)).repeat_interleave(len(latents))
+    repeated = latents.repeat(len(timesteps), 1, 1, 1)
+    return repeated, t, torch.randn(repeated.shape, generator=generator)
 
 
 def denoising_loss(job, overrides, latents, conditioning, timesteps, noise) -> torch.Tensor:
@@ -110,9 +111,7 @@ def quick_textual_inversion(pipe, edit, target: str, prompts: Sequence[str], set
     optimiser = torch.optim.Adam([embedding], lr=lr)
     ids = token_ids(pipe, templates)
     generator = torch.Generator().manual_seed(seed)
-    check_t = torch.tensor([200, 500, 800]).repeat_interleave(len(latents))
-    check_x = latents.repeat(3, 1, 1, 1)
-    check_noise = torch.randn(check_x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    check_x, check_t, check_noise = fixed_noising(latents, (200, 500, 800), torch.Generator().manual_seed(seed + 1))
     check_ids = ids[torch.arange(len(check_x)) % len(ids)]
 
     @torch.no_grad()
@@ -171,9 +170,7 @@ def adversarial_search(pipe, edit, prompt: str, settings, tokens: int = 5, itera
     job = TrainingJob.for_pipeline(pipe)
     overrides = edit_overrides(pipe, edit)
     generator = torch.Generator().manual_seed(seed)
-    t = torch.tensor(list(timesteps)).repeat_interleave(len(latents))
-    fixed = latents.repeat(len(timesteps), 1, 1, 1)
-    noise = torch.randn(fixed.shape, generator=generator)
+    fixed, t, noise = fixed_noising(latents, timesteps, generator)
     base = token_ids(pipe, [prompt])[0]
     filler = pipe.tokenizer("!", add_special_tokens=False).input_ids[0]
     ids = torch.cat([base[:1], torch.full((tokens,), filler), base[1:-tokens]])
@@ -217,17 +214,10 @@ def adversarial_search(pipe, edit, prompt: str, settings, tokens: int = 5, itera
 
 def render_conditioned(pipe, edit, conditioning: torch.Tensor, seeds: Sequence[int], settings) -> list:
     """Images of the edited model from a given text conditioning [1, 77, d], one pipeline call per seed."""
-    from ..apply import applied
-    from ..generate import swapped_scheduler
     from ..text import encode_texts
+    from .noisy import single_image
 
-    empty = encode_texts(pipe, [""], full_length=True)[0].rows[None]
-    images = []
-    with applied(pipe, edit), swapped_scheduler(pipe, settings.scheduler):
-        for seed in seeds:
-            images.append(pipe(prompt_embeds=conditioning.to(pipe.device, pipe.unet.dtype),
-                               negative_prompt_embeds=empty.to(pipe.device, pipe.unet.dtype),
-                               num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                               height=settings.height, width=settings.width,
-                               generator=torch.Generator("cpu").manual_seed(int(seed))).images[0])
-    return images
+    empty = encode_texts(pipe, [""], full_length=True)[0].rows[None].to(pipe.device, pipe.unet.dtype)
+    conditioning = conditioning.to(pipe.device, pipe.unet.dtype)
+    return [single_image(pipe, edit, seed, settings, prompt_embeds=conditioning, negative_prompt_embeds=empty)
+            for seed in seeds]

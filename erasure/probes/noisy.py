@@ -1,7 +1,9 @@
-"""DDIM with any η ≥ 0 and a multiplier on its injected noise (the noise-based probe's sampler)."""
+"""DDIM with any η ≥ 0 and a multiplier on its injected noise (the noise-based probe's sampler), and the one-image
+sampling call the probes with their own sampler or conditioning share."""
 
 from __future__ import annotations
 
+import torch
 from diffusers import DDIMScheduler
 
 
@@ -37,3 +39,17 @@ class NoisyDDIMScheduler(DDIMScheduler):
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def single_image(pipe, edit, seed: int, settings, scheduler=None, **inputs):
+    """One image of `edit` (None: the original model) in its own pipeline call with its own seeded generator, so
+    the same seed gives the same initial latent and noise stream whatever else is rendered. `scheduler`: a
+    scheduler object or name (default: the settings'); `inputs`: the prompt or prompt embeddings and any extra
+    pipeline arguments (e.g. eta)."""
+    from ..apply import applied
+    from ..generate import swapped_scheduler
+
+    with applied(pipe, edit), swapped_scheduler(pipe, scheduler or settings.scheduler):
+        return pipe(**inputs, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                    height=settings.height, width=settings.width,
+                    generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
