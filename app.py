@@ -43,7 +43,8 @@ from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Set
 from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import pipeline_state
 from erasure.presets import KINDS, load_preset, prompt_templates
-from erasure.probes import PROBE_TITLES, PROBES, Judge, probe_sheet, recovery_table, run_probes
+from erasure.probes import (PROBE_TITLES, PROBES, Judge, check_probe_names, probe_sheet, recovery_table,
+                            run_probes)
 from erasure import scoring
 from erasure.scoring import ScorerLoadError, load_clip_scorer
 from erasure.sessions import CancelFlags, EditStore, Jobs
@@ -248,9 +249,7 @@ class Studio:
                 raise ValueError("no edit picked: tick one or more of this session's edits to probe")
             if not names:
                 raise ValueError("no probe picked: tick one or more probes")
-            unknown = [name for name in names if name not in PROBES]
-            if unknown:
-                raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}")
+            check_probe_names(names)
             edits = self._session_edits(session, picked)
             seed_list = parse_seeds(seeds)
             prompt_list = prompt_lines(prompts) or default_probe_prompts(next(iter(edits.values())), kind)
