@@ -38,6 +38,10 @@ def touched_parameters(state: PipelineState, edit: Edit) -> list[str]:
                                     f"UNet; it was made for {edit.model_id!r}, not {state.model_id!r}")
         shape = tuple(state.parameters[weight_key].shape)
         value = tuple(patch.value.shape)
+        if patch.kind == "low_rank" and (len(shape) != 2 or value[1] != shape[0] + shape[1]):
+            raise EditMismatchError(f"the edit's {key} has factors of width {value[1]}, but {module!r} has a "
+                                    f"{shape[0]}x{shape[1]} weight (width {shape[0] + shape[1]}); it was made for "
+                                    f"{edit.model_id!r}, not {state.model_id!r}")
         if patch.kind == "tensor" and value != shape:
             raise EditMismatchError(f"the edit's {key} has shape {value} but this pipeline's is {shape}; it was made "
                                     f"for {edit.model_id!r}, not {state.model_id!r}")
@@ -54,11 +58,18 @@ def touched_parameters(state: PipelineState, edit: Edit) -> list[str]:
 
 
 def effective_parameters(state: PipelineState, edit: Edit) -> dict[str, torch.Tensor]:
-    """parameter -> the value to write: tensor patches as they are, then masks applied to the (patched or
-    base) weight as row scalings of weight and bias (output masks) or column scalings (input masks)."""
+    """parameter -> the value to write: tensor patches as they are, low-rank changes added to the base weight
+    (W + up @ down in float64, cast once), then masks applied to the (patched or base) weight as row scalings
+    of weight and bias (output masks) or column scalings (input masks)."""
     values = {key: patch.value for key, patch in edit.patches.items() if patch.kind == "tensor"}
     for key, patch in edit.patches.items():
-        if patch.kind == "tensor":
+        if patch.kind == "low_rank":
+            name = f"{module_of(key)}.weight"
+            base = original_parameter(state, name)
+            up, down = (f.to(base.device, torch.float64) for f in patch.factors(base.shape[0]))
+            values[name] = torch.addmm(base.double(), up, down).to(base.dtype)
+    for key, patch in edit.patches.items():
+        if patch.kind in ("tensor", "low_rank"):
             continue
         module = module_of(key)
         for name in (f"{module}.weight", f"{module}.bias"):
@@ -72,6 +83,15 @@ def effective_parameters(state: PipelineState, edit: Edit) -> dict[str, torch.Te
                 factors = mask.view(-1, *[1] * (current.ndim - 1))
             values[name] = (current.to(mask.dtype) * factors).to(state.parameters[name].dtype)
     return values
+
+
+def edited_weights(pipe, edit: Edit) -> dict[str, torch.Tensor]:
+    """The weights `edit` writes, by module name, in the pipeline's dtype (what `applied` puts in place)."""
+    state = pipeline_state(pipe)
+    with state.lock:
+        _check_applicable(state, edit)
+        return {name.removesuffix(".weight"): value for name, value in effective_parameters(state, edit).items()
+                if name.endswith(".weight")}
 
 
 def check_applicable(pipe, edit: Edit) -> None:

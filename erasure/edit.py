@@ -3,6 +3,10 @@
 A patch is keyed like the UNet's state dict:
 
 - `<module>.weight` / `<module>.bias`, kind "tensor": the parameter's new value.
+- `<module>.delta`, kind "low_rank": the change of the module's weight as factors, W′ = W + up @ down,
+  stored as one tensor [r, d_out + d_in] = [upᵀ | down] (what the closed forms produce: their change has the
+  rank of the target rows, so a 3-concept SD-1.4 edit is ~1 MB instead of ~80 MB). Applying computes
+  W + up @ down in float64 from the base weight and casts once.
 - `<module>.output_mask`, kind "output_mask": one factor per output unit of that module, applied as a
   row scaling of its weight and bias (y = m ⊙ (Wx + b) = (diag(m) W) x + m ⊙ b), so a neuron mask *is*
   a weight edit.
@@ -28,10 +32,11 @@ from .limits import MAX_METADATA_BYTES, MAX_RETAIN, MAX_TARGETS
 from .methods import get_method
 
 FORMAT = "erasure-studio-edit"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
-PATCH_SUFFIXES = {"weight": "tensor", "bias": "tensor", "output_mask": "output_mask", "input_mask": "input_mask"}
-_KEY = re.compile(r"^(?P<module>[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)\.(?P<what>weight|bias|output_mask|input_mask)$")
+FORMAT_VERSION = "3"  # 3 added low_rank patches
+READABLE_VERSIONS = ("1", "2", "3")
+PATCH_SUFFIXES = {"weight": "tensor", "bias": "tensor", "delta": "low_rank", "output_mask": "output_mask",
+                  "input_mask": "input_mask"}
+_KEY = re.compile(r"^(?P<module>[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)\.(?P<what>weight|bias|delta|output_mask|input_mask)$")
 _VERSION_1_KEY = re.compile(r"^[A-Za-z0-9_.]+\.attn2\.to_[kv]\.weight$")
 
 
@@ -45,8 +50,17 @@ class EditMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class Patch:
-    kind: str  # "tensor" | "output_mask" | "input_mask"
+    kind: str  # "tensor" | "low_rank" | "output_mask" | "input_mask"
     value: torch.Tensor
+
+    @classmethod
+    def low_rank(cls, up: torch.Tensor, down: torch.Tensor) -> "Patch":
+        """A weight change up @ down (up [d_out, r], down [r, d_in]), stored in float32."""
+        return cls("low_rank", torch.cat([up.T, down], dim=1).float())
+
+    def factors(self, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) of a low_rank patch on a weight with `d_out` rows."""
+        return self.value[:, :d_out].T, self.value[:, d_out:]
 
 
 def module_of(key: str) -> str:
@@ -68,14 +82,8 @@ class Edit:
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor], *args, **kwargs) -> "Edit":
-        """An edit of new weight tensors by module name (what closed-form methods produce)."""
+        """An edit of new dense weight tensors by module name (e.g. weights computed outside this library)."""
         return cls({f"{name}.weight": Patch("tensor", w) for name, w in weights.items()}, *args, **kwargs)
-
-    @property
-    def weights(self) -> dict[str, torch.Tensor]:
-        """New weight tensors by module name (the tensor patches of weights; closed forms have only these)."""
-        return {module_of(key): patch.value for key, patch in self.patches.items()
-                if patch.kind == "tensor" and key.endswith(".weight")}
 
     def modules(self) -> list[str]:
         """Modules this edit changes, in key order."""
@@ -180,7 +188,7 @@ def check_patch(key: str, patch: Patch, source: str, version: str = FORMAT_VERSI
         raise EditFileError(f"{source!r} has tensor {key!r}; a version-1 edit may only hold attn2.to_k/to_v weights")
     if not match:
         raise EditFileError(f"{source!r} has tensor {key!r}, which is not a parameter key (module path ending in "
-                            f".weight, .bias, .output_mask or .input_mask)")
+                            f".weight, .bias, .delta, .output_mask or .input_mask)")
     expected = PATCH_SUFFIXES[match["what"]]
     if patch.kind != expected:
         raise EditFileError(f"{source!r}: tensor {key!r} is marked {patch.kind!r} but a .{match['what']} key holds "
@@ -190,7 +198,14 @@ def check_patch(key: str, patch: Patch, source: str, version: str = FORMAT_VERSI
         raise EditFileError(f"{source!r}: tensor {key!r} is not a non-empty float tensor")
     if not torch.isfinite(value).all():
         raise EditFileError(f"{source!r}: tensor {key!r} has NaN or infinite values")
-    if patch.kind != "tensor":
+    if patch.kind == "low_rank":
+        if version in ("1", "2"):
+            raise EditFileError(f"{source!r}: low-rank patch {key!r} in an edit of format version {version}, which "
+                                f"has none (they came with version 3)")
+        if value.ndim != 2:
+            raise EditFileError(f"{source!r}: low-rank patch {key!r} must be 2-D [rank, d_out + d_in], got shape "
+                                f"{tuple(value.shape)}")
+    elif patch.kind != "tensor":
         if value.ndim != 1:
             raise EditFileError(f"{source!r}: mask {key!r} must be 1-D (one factor per unit), got shape "
                                 f"{tuple(value.shape)}")

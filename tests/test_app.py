@@ -94,7 +94,7 @@ def test_erase_then_generate_gives_a_captioned_same_seed_grid_and_run_record(pip
     assert compared == ["#1 UCE: Snoopy"] and "modules changed" in report
     # The downloaded edit is the engine's file, bitwise the edit the library computes for these concepts.
     downloaded, reference = erasure.Edit.load(edit_file), erasure.erase(pipe, "uce", ["Snoopy"], [""], ["Mickey"])
-    assert all(torch.equal(downloaded.weights[n], w) for n, w in reference.weights.items())
+    assert all(torch.equal(downloaded.patches[k].value, p.value) for k, p in reference.patches.items())
 
     erased, kept, summary, _, run_file, status = generate(client, "a photo of Snoopy", "a photo of Mickey",
                                                           compared, seeds="0, 1", targets="Snoopy")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import erasure
+from erasure.apply import edited_weights
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -38,7 +39,7 @@ def test_over_long_concept_is_truncated_with_a_warning(pipe, untouched):
     long_concept = " ".join(["snoopy"] * 100)
     with pytest.warns(UserWarning, match="truncated"):
         edit = erasure.erase(pipe, "uce", [long_concept], [""], [])
-    assert all(torch.isfinite(w).all() for w in edit.weights.values())
+    assert all(torch.isfinite(w).all() for w in edited_weights(pipe, edit).values())
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def snoopy_edit(pipe):
 
 def test_non_safetensors_edit_file_is_refused(tmp_path, snoopy_edit):
     pickle_file = tmp_path / "edit.pt"
-    torch.save(snoopy_edit.weights, pickle_file)
+    torch.save(edited_weights(pipe, snoopy_edit), pickle_file)
     with pytest.raises(erasure.EditFileError, match="pickle files .* are refused"):
         erasure.Edit.load(pickle_file)
 
@@ -67,14 +68,14 @@ def test_corrupt_edit_file_is_refused(tmp_path, snoopy_edit):
 
 def test_safetensors_without_edit_metadata_is_refused(tmp_path, snoopy_edit):
     path = tmp_path / "plain.safetensors"
-    save_file({f"{n}.weight": w for n, w in snoopy_edit.weights.items()}, str(path))
+    save_file({f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}, str(path))
     with pytest.raises(erasure.EditFileError, match="not an Erasure Studio edit"):
         erasure.Edit.load(path)
 
 
 def test_edit_file_with_tensors_its_metadata_does_not_list_is_refused(tmp_path, snoopy_edit):
     path = tmp_path / "sneaky.safetensors"
-    tensors = {f"{n}.weight": w for n, w in snoopy_edit.weights.items()}
+    tensors = {f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}
     tensors["conv_in.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(path), metadata=snoopy_edit.metadata())
     with pytest.raises(erasure.EditFileError, match="'patches' must name the kind of exactly the tensors stored"):
@@ -82,7 +83,7 @@ def test_edit_file_with_tensors_its_metadata_does_not_list_is_refused(tmp_path, 
 
 
 def test_edit_with_wrong_shapes_is_refused_and_pipeline_untouched(pipe, untouched, snoopy_edit):
-    name = next(iter(snoopy_edit.weights))
+    name = next(iter(edited_weights(pipe, snoopy_edit)))
     broken = erasure.Edit.from_weights({name: torch.zeros(3, 3)}, "speed", {}, ["x"], [""], [], "tiny",
                                        snoopy_edit.fingerprint)
     with pytest.raises(erasure.EditMismatchError, match="has shape"):
@@ -107,7 +108,7 @@ def test_unknown_model_gives_one_clear_sentence():
 ])
 def test_edit_file_with_malformed_metadata_is_refused(tmp_path, snoopy_edit, field, value, message):
     path = tmp_path / "odd.safetensors"
-    save_file({f"{n}.weight": w for n, w in snoopy_edit.weights.items()}, str(path),
+    save_file({f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}, str(path),
               metadata=snoopy_edit.metadata() | {field: value})
     with pytest.raises(erasure.EditFileError, match=message):
         erasure.Edit.load(path)

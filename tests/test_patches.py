@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import erasure
-from erasure.apply import restore, touched_parameters, write_edit
+from erasure.apply import edited_weights, restore, touched_parameters, write_edit
 from erasure.compute import edit_from_patches
 from erasure.edit import Edit, Patch
 from erasure.generate import Settings, generate_images
@@ -161,11 +161,11 @@ def test_version_1_files_still_load_and_apply(tmp_path, pipe, untouched):
     edit = erasure.erase(pipe, "speed", ["Snoopy"], [""], ["Pikachu"])
     path = tmp_path / "v1.safetensors"
     metadata = {k: v for k, v in edit.metadata().items() if k != "patches"} | {"version": "1"}
-    save_file({f"{n}.weight": w for n, w in edit.weights.items()}, str(path), metadata=metadata)
+    save_file({f"{n}.weight": w for n, w in edited_weights(pipe, edit).items()}, str(path), metadata=metadata)
     loaded = Edit.load(path)
     assert all(patch.kind == "tensor" for patch in loaded.patches.values())
     with erasure.applied(pipe, loaded):  # its fingerprint (hashed by module name in format 1) still matches
-        for name, weight in edit.weights.items():
+        for name, weight in edited_weights(pipe, edit).items():
             assert torch.equal(pipeline_state(pipe).modules[name].weight, weight)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import erasure
+from erasure.apply import edited_weights
 from erasure.cli import main
 from erasure.methods import ConceptRows, get_method
 from erasure.methods.scapre import (EPS, ScaPreParams, ScaPreScaleParams, histc_counts, layer_noise, mi_soft_mask,
@@ -279,10 +280,10 @@ def test_scapre_scale_end_to_end_moves_targets_toward_anchor(pipe, untouched):
     # Reference defaults (no MI mask): every target row's output W'x approaches the guide's W n.
     edit = erasure.erase(pipe, "scapre-scale", targets=TARGETS, anchors=[""], retain=["Pikachu"])
     rows, weights = tiny_rows_and_weights(pipe, "scapre-scale", {})
-    assert list(edit.weights) == list(weights) and len(weights) == 8  # every attn2.to_k / to_v
+    assert list(edited_weights(pipe, edit)) == list(weights) and len(weights) == 8  # every attn2.to_k / to_v
     x, n = torch.cat(rows.targets), torch.cat(rows.anchors)
     for name, w in weights.items():
-        new = edit.weights[name].double()
+        new = edited_weights(pipe, edit)[name].double()
         assert torch.isfinite(new).all() and not torch.equal(new, w)
         assert (x @ new.T - n @ w.T).norm() < 0.6 * (x @ w.T - n @ w.T).norm()  # <= 0.46x on this model
 
@@ -295,7 +296,7 @@ def test_scapre_end_to_end_moves_targets_toward_masked_anchor(pipe, untouched, p
     edit = erasure.erase(pipe, "scapre", targets=TARGETS, anchors=[""], **params)
     p = get_method("scapre").parse_params(params)
     rows, weights = tiny_rows_and_weights(pipe, "scapre", params)
-    assert list(edit.weights) == list(weights) and len(weights) == 8
+    assert list(edited_weights(pipe, edit)) == list(weights) and len(weights) == 8
     x, n = torch.cat(rows.targets), torch.cat(rows.anchors)
     concepts = torch.stack([t[0] for t in rows.targets])
     lengths = torch.tensor([len(t) for t in rows.targets])
@@ -304,7 +305,7 @@ def test_scapre_end_to_end_moves_targets_toward_masked_anchor(pipe, untouched, p
         noise = layer_noise(generator, len(concepts), w.shape[1], p.entropy_samples, "scapre")
         mask = mi_soft_mask(w, concepts @ w.T, w @ rows.null[1], noise.mi, p.noise_sigma, p.p)
         goal = (n @ w.T) * mask.repeat_interleave(lengths, dim=0)  # [K, d_out]: r_i ⊙ W n per row pair
-        new = edit.weights[name].double()
+        new = edited_weights(pipe, edit)[name].double()
         assert torch.isfinite(new).all() and not torch.equal(new, w)
         assert (x @ new.T - goal).norm() < 0.7 * (x @ w.T - goal).norm()
         if params.get("p") == 0.0:
@@ -333,7 +334,7 @@ def test_cli_erase_with_scapre_scale(tmp_path, capsys):
     assert main(["erase", "--model", "tiny", "--method", "scapre-scale", "--targets", "Snoopy",
                  "--use_mi_softmask", "true", "--p", "8", "--out", str(out)]) == 0
     edit = erasure.Edit.load(out)
-    assert edit.method == "scapre-scale" and edit.targets == ["Snoopy"] and len(edit.weights) == 8
+    assert edit.method == "scapre-scale" and edit.targets == ["Snoopy"] and len(edited_weights(pipe, edit)) == 8
     assert edit.params["use_mi_softmask"] is True and edit.params["p"] == 8.0
     assert "scapre-scale: erased 1 concept(s)" in capsys.readouterr().out
 
@@ -367,4 +368,4 @@ def test_retain_concepts_given_to_scapre_are_ignored_with_a_warning_and_not_reco
         edit = erasure.erase(pipe, "scapre", ["Snoopy"], [""], ["Pikachu", "Garfield"])
     assert edit.retain == []
     alone = erasure.erase(pipe, "scapre", ["Snoopy"], [""], [])
-    assert all(torch.equal(alone.weights[name], w) for name, w in edit.weights.items())
+    assert all(torch.equal(alone.patches[key].value, p.value) for key, p in edit.patches.items())

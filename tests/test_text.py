@@ -81,4 +81,4 @@ def test_an_edit_is_bitwise_the_same_after_any_history(pipe):
                         *[f"thing {i}" for i in range(40)]])  # the same concepts, first met in another batch
     erasure.erase(pipe, "speed", ["Totoro"], [""], ["Garfield", "Bambi"])
     again = erasure.erase(pipe, "uce", **request)
-    assert all(torch.equal(again.weights[name], w) for name, w in first.weights.items())
+    assert all(torch.equal(again.patches[key].value, p.value) for key, p in first.patches.items())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import erasure
+from erasure.apply import edited_weights
 from erasure.methods import concept_rows, get_method
 from erasure.methods.uce import UCEParams, uce
 from erasure.pipeline import pipeline_state
@@ -75,7 +76,7 @@ def test_uce_maps_targets_to_anchor_and_keeps_retain_within_ridge_bound(pipe, la
 
 def test_uce_erase_end_to_end_changes_only_kv(pipe, untouched):
     edit = erasure.erase(pipe, "uce", targets=TARGETS, anchors=[""], retain=RETAIN)
-    assert set(edit.weights) == set(pipeline_state(pipe).modules)  # every attn2.to_k / to_v
+    assert set(edited_weights(pipe, edit)) == set(pipeline_state(pipe).modules)  # every attn2.to_k / to_v
     assert edit.method == "uce" and edit.params == {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5,
                                                       "technique": "replace"}
     layer = next(iter(edit.stats["layers"].values()))

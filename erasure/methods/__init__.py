@@ -35,6 +35,27 @@ class ConceptRows:
 
 
 @dataclass(frozen=True)
+class LowRankDelta:
+    """A closed form's change W′ − W = up @ down of rank r (up [d_out, r], down [r, d_in], float64): what a
+    solve returns when its change is low-rank by construction, so the edit stores factors, not matrices."""
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def saves_memory(self) -> bool:
+        """Whether the factors hold fewer numbers than the matrix they multiply to."""
+        (d_out, rank), d_in = self.up.shape, self.down.shape[1]
+        return rank * (d_out + d_in) < d_out * d_in
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -42,7 +63,8 @@ class Method:
     params: type  # a frozen dataclass whose fields are the parameters (defaults = the paper's)
     edits: Callable[[Any], tuple[str, ...]]  # params -> module suffixes it rewrites, e.g. ("attn2.to_v",)
     prepare: Callable | None = None  # closed forms: (Concepts, params, Encoder) -> ConceptRows
-    solve: Callable | None = None  # closed forms: (weights: {name: W float64}, ConceptRows, params) -> {name: W'}
+    # closed forms: (weights: {name: W float64}, ConceptRows, params) -> {name: W' or LowRankDelta}
+    solve: Callable | None = None
     train: Callable | None = None  # trained: (TrainingJob, Concepts, params) -> ({key: Patch}, stats)
     uses_retain: bool = True  # False: retain concepts are ignored (and not recorded in the edit)
 

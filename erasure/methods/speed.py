@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lru import LRU
-from . import ConceptRows, Method, concept_rows, param, register
+from . import ConceptRows, LowRankDelta, Method, concept_rows, param, register
 
 LEAST_GAIN_CACHE: LRU[torch.Tensor] = LRU(max_items=512)  # a few KiB each: 16-32 per loaded model
 CHUNK = 128  # the reference's chunk: DPA's filter mean is taken per chunk of the shuffled retain rows
@@ -320,6 +320,12 @@ def speed_update_rows(targets: torch.Tensor, n_concepts: int, basis: torch.Tenso
 
 def speed(weights: dict[str, torch.Tensor], rows: ConceptRows, p: SpeedParams) -> dict[str, torch.Tensor]:
     """New weights W + Δ for every given projection, each from the original W."""
+    return {name: weights[name] + change.dense() for name, change in speed_changes(weights, rows, p).items()}
+
+
+def speed_changes(weights: dict[str, torch.Tensor], rows: ConceptRows, p: SpeedParams) -> dict[str, LowRankDelta]:
+    """Δ = (W Eᵀ / N) · Y for every given projection, each from the original W: factors of rank n_t (the
+    number of target rows)."""
     if p.retain_scale <= 0:
         raise ValueError("SPEED parameter 'retain_scale' must be > 0: M = (C_tt P + αI)⁻¹ is singular at α = 0")
     generator = torch.Generator().manual_seed(p.seed)
@@ -349,7 +355,7 @@ def speed(weights: dict[str, torch.Tensor], rows: ConceptRows, p: SpeedParams) -
             update = speed_update_rows(targets, n, kept_basis(prior, p.threshold), k2, p)
         else:
             update = shared
-        new[name] = torch.addmm(w, w_errors.T, update, alpha=1 / n)  # W + W Eᵀ Y / N in one pass
+        new[name] = LowRankDelta(w_errors.T / n, update)
     return new
 
 
@@ -375,6 +381,6 @@ register(Method(
     paper="Li et al., SPEED: Scalable, Precise, and Efficient Concept Erasure for Diffusion Models, 2025",
     params=SpeedParams,
     prepare=_prepare,
-    solve=speed,
+    solve=speed_changes,
     edits=lambda p: {"V": ("attn2.to_v",), "K": ("attn2.to_k",), "KV": ("attn2.to_k", "attn2.to_v")}[p.params],
 ))

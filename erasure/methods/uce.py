@@ -4,7 +4,8 @@
     W' = (λW + e Σ_i v*_i t_iᵀ + p Σ_j W p_j p_jᵀ) (λI + e Σ_i t_i t_iᵀ + p Σ_j p_j p_jᵀ)⁻¹      (eq. 7)
 
 Rows are last-subject-token embeddings (the current reference script, uce_sd_erase.py). With
-"replace", v*_i = W a_i, so W' = W·M with one d×d map M shared by every edited matrix.
+"replace", v*_i = W a_i, so W' = W·M with one d×d map M shared by every edited matrix; either way
+W' − W has rank n (the number of targets) and is returned as two thin factors (`uce_changes`).
 
 Deliberate differences from the reference: retain concepts equal to a target (case-insensitive) are
 dropped, where the reference keeps them and so asks the solve both to move and to keep the same row;
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ConceptRows, Method, concept_rows, param, register
+from . import ConceptRows, LowRankDelta, Method, concept_rows, param, register
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,28 @@ def uce_shared_map(rows: ConceptRows, p: UCEParams) -> torch.Tensor:
     return _solve(normal, left.T).T
 
 
-def uce(weights: dict[str, torch.Tensor], rows: ConceptRows, p: UCEParams) -> dict[str, torch.Tensor]:
-    """New weights for every given projection (all computed from the original W)."""
-    if p.technique == "replace":
-        shared = uce_shared_map(rows, p)
-        return {name: w @ shared for name, w in weights.items()}
+def uce_changes(weights: dict[str, torch.Tensor], rows: ConceptRows, p: UCEParams) -> dict[str, LowRankDelta]:
+    """W' − W for every given projection, as factors of rank n (the number of target rows).
+
+    Eq. 7 minus W·R gives (W' − W) R = e (V − W Tᵀ)ᵀ T, with V the rows' values [n, d_out]; so
+    W' − W = [e (Vᵀ − W Tᵀ)] · [T R⁻¹]. The right factor is shared by every layer; for "replace", V = A Wᵀ
+    and the left factor is e W (A − T)ᵀ."""
     targets, anchors = torch.cat(rows.targets), torch.cat(rows.anchors)
-    normal = uce_normal_matrix(rows, p)
-    new = {}
+    down = _solve(uce_normal_matrix(rows, p), targets.T).T  # T R⁻¹ (R is symmetric)
+    changes = {}
     for name, w in weights.items():
         values = anchors @ w.T  # [n, d_out]: v = W a
-        directions = targets @ w.T
-        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        values = values - (values * directions).sum(1, keepdim=True) * directions
-        left = p.lamb * w + p.erase_scale * values.T @ targets
-        if rows.retain.numel():
-            left += p.preserve_scale * (w @ rows.retain.T) @ rows.retain
-        new[name] = _solve(normal, left.T).T
-    return new
+        if p.technique == "tensor":  # drop each value's component along its target's own output
+            directions = targets @ w.T
+            directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            values = values - (values * directions).sum(1, keepdim=True) * directions
+        changes[name] = LowRankDelta(p.erase_scale * (values - targets @ w.T).T, down)
+    return changes
+
+
+def uce(weights: dict[str, torch.Tensor], rows: ConceptRows, p: UCEParams) -> dict[str, torch.Tensor]:
+    """New weights for every given projection (all computed from the original W)."""
+    return {name: weights[name] + change.dense() for name, change in uce_changes(weights, rows, p).items()}
 
 
 def _solve(normal: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -92,6 +97,6 @@ register(Method(
     paper="Gandikota et al., Unified Concept Editing in Diffusion Models, WACV 2024",
     params=UCEParams,
     prepare=_prepare,
-    solve=uce,
+    solve=uce_changes,
     edits=lambda p: ("attn2.to_k", "attn2.to_v"),
 ))
