@@ -1,5 +1,6 @@
 """`python -m erasure bench`: text-encoding and solve time per method and concept count on the full
-SD-1.4 architecture with random weights (no download: timing does not depend on weight values)."""
+SD-1.4 architecture with random weights (no download: timing does not depend on weight values); with
+`--memory`, what held edits cost the server, factored against dense."""
 
 from __future__ import annotations
 
@@ -164,4 +165,65 @@ def run_train_bench(device: str | None = None, model: str = "sd14-random", size:
                      "projected_h100_s": flops / (ASSUMED_H100_TFLOPS * 1e12)})
         shown = ", ".join(f"{n} {p}" for p, n in counts.items())
         print(f"| {run} | {shown} | {here:.0f} | {rows[-1]['projected_h100_s']:.1f} |", flush=True)
+    return rows
+
+
+def _resident_mib() -> float:
+    """This process's resident memory now (not its peak), from /proc."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def densified(pipe, edit):
+    """The same edit with every patch the full new weight (how edits were stored before format 3)."""
+    from .apply import edited_weights
+    from .edit import Edit
+
+    weights = {name: weight.cpu() for name, weight in edited_weights(pipe, edit).items()}
+    return Edit.from_weights(weights, edit.method, edit.params, edit.targets, edit.anchors, edit.retain,
+                             edit.model_id, edit.fingerprint, edit.stats)
+
+
+def run_memory_bench(model: str = "sd14-random", edits: int = 10, concepts: int = 3, method: str = "uce",
+                     device: str | None = None) -> list[dict]:
+    """Hold `edits` edits of `concepts` targets each the way the app does (an EditStore, tensors on the host),
+    as the method stores them and densified, and report per edit the tensor bytes and file size, and for all
+    of them the bytes held and the growth of resident memory."""
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    from .sessions import EditStore
+
+    pipe = load_pipeline(model, device=device)
+    pool = list(load_preset("celebrity-100").targets)
+    batches = [pool[i * concepts:(i + 1) * concepts] for i in range(edits)]
+    retain = list(load_preset("instance").retain)[:20]
+    for targets in batches:  # encode every concept once: the text cache is not what is measured
+        erase(pipe, method, targets=targets, anchors=[""], retain=retain)
+    rows = []
+    for form, convert in (("factored (format 3)", lambda e: e), ("dense (every weight)", lambda e: densified(pipe, e))):
+        gc.collect()
+        before = _resident_mib()
+        store = EditStore()
+        ids = [store.add(convert(erase(pipe, method, targets=targets, anchors=[""], retain=retain)))
+               for targets in batches]
+        gc.collect()
+        growth = _resident_mib() - before
+        held = [store.get(i) for i in ids]
+        held_mib = sum(p.value.numel() * p.value.element_size() for e in held for p in e.patches.values()) / 2**20
+        with tempfile.TemporaryDirectory() as folder:
+            file_mib = held[0].save(Path(folder) / "edit.safetensors").stat().st_size / 2**20
+        rows.append({"form": form, "matrices": len(held[0].modules()), "tensor_mib_per_edit": held_mib / edits,
+                     "file_mib_per_edit": file_mib, "held_mib": held_mib, "resident_growth_mib": growth})
+        del store, held
+    print(f"\n{edits} {method} edits of {concepts} concepts each, held as the app holds them, on {model}:\n")
+    print(f"| form | matrices | tensors per edit, MiB | file per edit, MiB | {edits} held: tensors, MiB "
+          f"| {edits} held: resident growth, MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['form']} | {row['matrices']} | {row['tensor_mib_per_edit']:.2f} | {row['file_mib_per_edit']:.2f} "
+              f"| {row['held_mib']:.1f} | {row['resident_growth_mib']:.0f} |")
     return rows

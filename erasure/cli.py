@@ -1,4 +1,4 @@
-"""`python -m erasure erase | generate | bench | evaluate`: argparse over the library, nothing more."""
+"""`python -m erasure erase | generate | export | bench | evaluate | probe`: argparse over the library, nothing more."""
 
 from __future__ import annotations
 
@@ -66,11 +66,30 @@ def cmd_generate(args) -> None:
     print(f"{len(labels)} row(s) x {len(titles)} column(s) -> {args.out}")
 
 
+def cmd_export(args) -> None:
+    import erasure
+    from .export import export
+
+    pipe = erasure.load_pipeline(args.model, device=args.device)
+    edit = erasure.Edit.load(args.edit)
+    result = export(pipe, edit, args.out, args.format, args.rank)
+    if args.format.startswith("lora"):
+        print(f"LoRA of rank {result['rank']} (exact rank {result['exact_rank']}) over {result['layers']} layers, "
+              f"relative error {result['relative_error']:.3g} -> {result['path']}")
+    else:
+        print(f"{args.format} -> {result['path']}")
+
+
 def cmd_bench(args) -> None:
     from .bench import run_bench, run_train_bench
 
     if args.trained:
         run_train_bench(device=args.device, size=args.size)
+        return
+    if args.memory:
+        from .bench import run_memory_bench
+
+        run_memory_bench(device=args.device, edits=args.edits)
         return
     run_bench(device=args.device, concept_counts=args.concepts, methods=args.methods, json_path=args.json,
               repeats=args.repeats)
@@ -173,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="grid.png", help="the grid image (.png or .jpg; default grid.png)")
     generate.set_defaults(run=cmd_generate)
 
+    from .export import EXPORT_FORMATS
+
+    exporter = commands.add_parser("export", help="an edit as a LoRA, a baked diffusers folder, the edited weights "
+                                                  "or the native edit file")
+    add_model_arguments(exporter)
+    exporter.add_argument("--edit", required=True, help="an edit .safetensors file")
+    exporter.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                          help="lora: PEFT keys (diffusers' load_lora_weights); lora-kohya: kohya keys; diffusers: a "
+                               "pipeline folder with the edit baked in (from_pretrained); state-dict: the edited "
+                               "weights by UNet name; safetensors-delta: the edit file itself (factors)")
+    exporter.add_argument("--rank", type=int, default=None,
+                          help="LoRA rank (default: each layer's exact rank; lower ranks report their error)")
+    exporter.add_argument("--out", required=True, help="a .safetensors file, or a new folder for 'diffusers'")
+    exporter.set_defaults(run=cmd_export)
+
     bench = commands.add_parser("bench", help="time text encoding and solves on full-size SD-1.4 (random weights)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 100],
@@ -185,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: per-pass cost of the trained methods (ESD-x, Minimalist) and their default runs "
                             "projected here and on an H100")
     bench.add_argument("--size", type=int, default=512, help="with --trained: image side in pixels (default 512)")
+    bench.add_argument("--memory", action="store_true",
+                       help="instead: memory and file size of held 3-concept UCE edits, factored vs dense")
+    bench.add_argument("--edits", type=int, default=10, help="with --memory: how many edits to hold (default 10)")
     bench.set_defaults(run=cmd_bench)
 
     add_evaluate_parser(commands)

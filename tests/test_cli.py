@@ -29,6 +29,31 @@ def test_erase_then_generate_grid(tmp_path, capsys):
         assert grid.size == (220 + 2 * 256, 24 + 4 * 256)
 
 
+def test_export_writes_each_format_from_an_edit_file(tmp_path, capsys):
+    from safetensors import safe_open
+
+    edit_path = tmp_path / "edit.safetensors"
+    assert main(["erase", "--model", "tiny", "--method", "uce", "--targets", "cat, red car", "--retain", "dog",
+                 "--out", str(edit_path)]) == 0
+    assert main(["export", "--model", "tiny", "--edit", str(edit_path), "--format", "lora", "--rank", "1",
+                 "--out", str(tmp_path / "lora.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    error = float(re.search(r"LoRA of rank 1 \(exact rank 2\) over 8 layers, relative error ([0-9.e-]+)",
+                            printed).group(1))
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["erasure_studio"])["relative_error"] == pytest.approx(error, rel=1e-2)
+        assert len(f.keys()) == 16 and all(key.startswith("unet.") for key in f.keys())
+    assert main(["export", "--model", "tiny", "--edit", str(edit_path), "--format", "diffusers",
+                 "--out", str(tmp_path / "baked")]) == 0
+    assert (tmp_path / "baked" / "model_index.json").is_file()
+    assert main(["export", "--model", "tiny", "--edit", str(edit_path), "--format", "safetensors-delta",
+                 "--out", str(tmp_path / "same.safetensors")]) == 0
+    assert erasure.Edit.load(tmp_path / "same.safetensors").patches.keys() == erasure.Edit.load(edit_path).patches.keys()
+    assert main(["export", "--model", "tiny", "--edit", str(edit_path), "--format", "diffusers", "--rank", "2",
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "rank applies to LoRA exports only" in capsys.readouterr().err
+
+
 def test_method_parameters_override_preset(tmp_path):
     edit_path = tmp_path / "edit.safetensors"
     assert main(["erase", "--model", "tiny", "--method", "uce", "--preset", "style", "--lamb", "0.1",
