@@ -41,7 +41,7 @@ from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse
                              run_record, suggest_prompts, summary_rows)
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
-from erasure.pipeline import pipeline_state
+from erasure.pipeline import concept_tokenizer, pipeline_state
 from erasure.presets import KINDS, load_preset, prompt_templates
 from erasure.probes import (PROBE_TITLES, PROBES, Judge, check_probe_names, probe_sheet, recovery_table,
                             run_probes)
@@ -141,7 +141,7 @@ class Studio:
     def _start_job(self, spec, targets, anchors, retain, given, owner: str):
         """Check everything a user can get wrong now (not minutes later in the job), then train in the background."""
         self.limits.check_training(spec.parse_params(given))
-        validate_concepts(targets, anchors, retain, self.pipe.tokenizer, MAX_TARGETS)
+        validate_concepts(targets, anchors, retain, concept_tokenizer(self.pipe), MAX_TARGETS)
         retain = retain if spec.uses_retain else []
         label = f"{spec.name.upper()}: {_short(', '.join(targets), 32)}"
         self.jobs.start(owner, label, lambda on_step, should_stop: erasure.erase(

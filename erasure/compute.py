@@ -16,7 +16,8 @@ from .apply import effective_parameters
 from .edit import Edit, Patch, check_patch, module_of
 from .limits import MAX_TARGETS
 from .methods import ConceptRows, LowRankDelta, get_method
-from .pipeline import PipelineState, fingerprint, original_parameter, original_weight, pipeline_state
+from .pipeline import (PipelineState, concept_tokenizer, edited_modules, fingerprint, original_parameter,
+                       original_weight, pipeline_state)
 from .text import encode_texts, validate_concepts
 from .training import TrainingJob
 
@@ -37,7 +38,7 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     spec = get_method(method)
     parsed = spec.parse_params(params)
     state = pipeline_state(pipe)
-    concepts = validate_concepts(targets, anchors, retain, pipe.tokenizer, max_concepts)
+    concepts = validate_concepts(targets, anchors, retain, concept_tokenizer(pipe), max_concepts)
     if not spec.uses_retain and concepts.retain:
         warnings.warn(f"{spec.name} uses no retain concepts; the {len(concepts.retain)} given are ignored")
         concepts = dataclasses.replace(concepts, retain=())
@@ -47,7 +48,7 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     start = time.perf_counter()
     rows = spec.prepare(concepts, parsed, lambda texts, full: encode_texts(pipe, texts, full, progress))
     encoded = time.perf_counter()
-    names = [n for n in state.modules if n.endswith(spec.edits(parsed))]
+    names = edited_modules(state, spec.edits(parsed))
     if not names:
         raise ValueError(f"this pipeline has no modules {spec.name} edits (modules ending in "
                          f"{', '.join(spec.edits(parsed))})")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scoring
+from .pipeline import denoiser
 from .provenance import package_versions
 from .scoring import MeanInterval, bootstrap_mean, own_class_rate, paired_change, same_seed_win_rate
 
@@ -360,7 +361,7 @@ def _settings(args, edit, kind, seeds, settings, pipe, items) -> dict:
             "retain_prompted": list(dict.fromkeys(it.concept for it in items if it.set == "retain")),
             "templates": "all" if args.full else "interactive", "seeds": seeds, "steps": settings.steps,
             "guidance": settings.guidance, "height": settings.height, "width": settings.width,
-            "scheduler": settings.scheduler, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+            "scheduler": settings.scheduler, "dtype": str(denoiser(pipe).dtype).replace("torch.", ""),
             "batch_size": args.batch_size, "versions": package_versions()}
 
 

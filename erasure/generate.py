@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .apply import applied, restore, write_edit
 from .edit import Edit
 from .lru import LRU
-from .pipeline import generation_batch, model_identity
+from .pipeline import generation_batch, model_identity, pipeline_state
 
 SCHEDULERS = {
     "pndm": "PNDMScheduler",
@@ -29,6 +29,7 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # FLUX's own (rectified flow); the others are SD's
 }
 
 
@@ -61,15 +62,16 @@ RANDOM_MODEL_STEPS = 3  # random-weight models draw noise at any step count: kee
 
 
 def default_settings(pipe, **overrides) -> Settings:
-    """Settings at the model's native size (512 for SD-1.x, 64 for the tiny model, 32 for the toy world); 3 steps
-    on random-weight models, the toy world's own sampler (the app's and `evaluate`'s defaults alike)."""
-    from .pipeline import pipeline_state
+    """Settings at the model's native size (512 for SD-1.x, 1024 for SDXL and FLUX, 64 for the tiny models, 32 for
+    the toy world), the family's own guidance and sampler (FLUX: its distilled guidance and flow-matching Euler);
+    3 steps on random-weight models, the toy world's own sampler (the app's and `evaluate`'s defaults alike)."""
     from .tiny import RANDOM_MODELS
     from .toy import TOY_GUIDANCE, TOY_MODEL, TOY_SCHEDULER, TOY_STEPS
 
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    defaults = {"height": side, "width": side}
-    model_id = pipeline_state(pipe).model_id
+    state = pipeline_state(pipe)
+    side = state.family.native_side(pipe)
+    defaults = {"height": side, "width": side, **state.family.settings}
+    model_id = state.model_id
     if model_id in RANDOM_MODELS:
         defaults["steps"] = RANDOM_MODEL_STEPS
     elif model_id == TOY_MODEL:
@@ -145,13 +147,12 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
         raise ValueError(f"edit_from_step must be between 0 and the {settings.steps} steps, got {edit_from_step}")
     swap_at = edit_from_step if edit is not None and 0 < edit_from_step < settings.steps else None
     pairs = [(p, int(s)) for p, s in pairs]
+    family = pipeline_state(pipe).family
     done = 0
     images: list[Image.Image] = []
     # The lock is held throughout (applied), so swapping the edit in between steps races with no one.
     with applied(pipe, edit if edit_from_step == 0 else None), swapped_scheduler(pipe, settings.scheduler):
-        # Progress counts UNet iterations per image: some schedulers run more than `steps` (PNDM: one more).
-        pipe.scheduler.set_timesteps(settings.steps)
-        total = len(pairs) * len(pipe.scheduler.timesteps)
+        total = len(pairs) * denoiser_calls(pipe.scheduler, settings.steps)
         size = generation_batch(pipe)
         for start in range(0, len(pairs), size):
             batch = pairs[start:start + size]
@@ -173,7 +174,8 @@ def generate_pairs(pipe, pairs: Sequence[tuple[str, int]], settings: Settings, e
                 result = pipe([p for p, _ in padded], num_inference_steps=settings.steps,
                               guidance_scale=settings.guidance, height=settings.height, width=settings.width,
                               generator=[torch.Generator("cpu").manual_seed(s) for _, s in padded],
-                              callback_on_step_end=step_end, output_type="latent" if latents else "pil")
+                              callback_on_step_end=step_end, output_type="latent" if latents else "pil",
+                              **family.generation_kwargs(pipe))
             finally:
                 for record in swapped:
                     restore(pipe, record)
@@ -206,6 +208,10 @@ def swapped_scheduler(pipe, scheduler) -> Iterator[None]:
     import diffusers
 
     current = pipe.scheduler
+    family = pipeline_state(pipe).family
+    if isinstance(scheduler, str) and scheduler not in family.schedulers:
+        raise ValueError(f"scheduler {scheduler!r} does not sample {family.name.upper()} models; choose from "
+                         f"{', '.join(family.schedulers)}")
     if not isinstance(scheduler, str):
         pipe.scheduler = scheduler
     elif type(current).__name__ != SCHEDULERS[scheduler]:
@@ -214,6 +220,15 @@ def swapped_scheduler(pipe, scheduler) -> Iterator[None]:
         yield
     finally:
         pipe.scheduler = current
+
+
+def denoiser_calls(scheduler, steps: int) -> int:
+    """Denoiser iterations per image for `steps` (PNDM runs one more). Progress counts these."""
+    if scheduler.config.get("use_dynamic_shifting"):  # FLUX's: the count does not depend on the shift mu
+        scheduler.set_timesteps(steps, mu=0.0)
+    else:
+        scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
 
 
 def comparison_grid(row_labels: Sequence[str], column_titles: Sequence[str],

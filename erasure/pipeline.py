@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .families import FAMILIES, SD_KEY_VALUE, Family, model_family
 from .lru import LRU, tensor_bytes
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")  # what closed-form methods rewrite
+CROSS_ATTENTION_KV = SD_KEY_VALUE  # what closed-form methods rewrite on SD-1.x/2.x/XL UNets
 TEXT_CACHE_BYTES = 512 * 2**20  # encoded concept rows kept per pipeline
 
 
@@ -38,10 +39,11 @@ class PipelineState:
                                                         size=lambda e: tensor_bytes(e.rows)))
     # Encoding needs no weights lock (edits never touch the text encoder), only a cache lock.
     text_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Every UNet parameter by state-dict name (what an edit may patch), and the cross-attention
-    # key/value projections by module name (what closed forms solve for).
+    # Every denoiser parameter by state-dict name (what an edit may patch), and the family's text
+    # projections by module name (what closed forms solve for: attn2.to_k/to_v, or FLUX's context_embedder).
     parameters: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     modules: dict[str, torch.nn.Linear] = field(default_factory=dict)
+    family: Family | None = None
 
 
 def pipeline_state(pipe) -> PipelineState:
@@ -52,18 +54,36 @@ def pipeline_state(pipe) -> PipelineState:
         # object.__setattr__: diffusers' own __setattr__ would try to register it as a component.
         object.__setattr__(pipe, "_erasure_state", state)
     if not state.parameters:
-        state.parameters = dict(pipe.unet.named_parameters())
-        state.modules = cross_attention_projections(pipe.unet)
+        state.family = model_family(pipe)
+        denoiser = state.family.denoiser(pipe)
+        state.parameters = dict(denoiser.named_parameters())
+        state.modules = cross_attention_projections(denoiser, state.family.text_projections)
     return state
 
 
-def cross_attention_projections(unet) -> dict[str, torch.nn.Linear]:
-    """The cross-attention key/value projections closed-form methods rewrite, by UNet module name."""
-    modules = {name: module for name, module in unet.named_modules()
-               if name.endswith(CROSS_ATTENTION_KV) and isinstance(module, torch.nn.Linear)}
+def denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's UNet or transformer: what edits patch and what every denoising step runs."""
+    return pipeline_state(pipe).family.denoiser(pipe)
+
+
+def concept_tokenizer(pipe):
+    """The tokenizer whose token positions concept rows follow (SDXL's first, FLUX's T5 one)."""
+    return pipeline_state(pipe).family.tokenizer(pipe)
+
+
+def edited_modules(state: PipelineState, suffixes) -> list[str]:
+    """The text projections a method declaring module `suffixes` (e.g. ("attn2.to_k", "attn2.to_v")) rewrites on
+    this family; a ValueError where the family cannot honour the request (FLUX: keys without values)."""
+    return state.family.modules_for(state.modules, tuple(suffixes))
+
+
+def cross_attention_projections(denoiser, suffixes=CROSS_ATTENTION_KV) -> dict[str, torch.nn.Linear]:
+    """The text projections closed-form methods rewrite, by denoiser module name."""
+    modules = {name: module for name, module in denoiser.named_modules()
+               if name.endswith(tuple(suffixes)) and isinstance(module, torch.nn.Linear)}
     if not modules:
-        raise ValueError("this UNet has no attn2.to_k / attn2.to_v projections; only SD-1.x/2.x-style UNets are "
-                         "supported")
+        raise ValueError(f"this denoiser has no {' / '.join(suffixes)} projections; supported are SD-1.x/2.x/XL "
+                         f"UNets and FLUX transformers")
     return modules
 
 
@@ -125,7 +145,7 @@ def model_identity(pipe) -> str:
     with state.lock:
         digest = fingerprint(state, [f"{name}.weight" for name in state.modules])
     device = next(iter(state.parameters.values())).device.type
-    return f"{state.model_id}|{pipe.unet.dtype}|{device}|{digest[:16]}|batch{generation_batch(pipe)}"
+    return f"{state.model_id}|{denoiser(pipe).dtype}|{device}|{digest[:16]}|batch{generation_batch(pipe)}"
 
 
 def default_device_and_dtype() -> tuple[str, torch.dtype]:
@@ -135,9 +155,10 @@ def default_device_and_dtype() -> tuple[str, torch.dtype]:
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None):
-    """Load a Stable Diffusion pipeline: a hub id, a local diffusers folder, a single .safetensors/.ckpt
-    file, "toy" (the toy world's trained model, offline) or "tiny" (random weights, offline). CUDA + fp16 when
-    available, else CPU + fp32."""
+    """Load an SD-1.x/2.x, SDXL or FLUX pipeline: a hub id, a local diffusers folder (each through its own
+    pipeline class, read from model_index.json), a single SD-1.x/2.x/XL .safetensors/.ckpt file, "toy" (the toy
+    world's trained model, offline) or a random-weight model from `tiny.RANDOM_MODELS` ("tiny", "tiny-sd2",
+    "tiny-sdxl", "tiny-flux", ...; offline). CUDA + fp16 when available, else CPU + fp32."""
     auto_device, auto_dtype = default_device_and_dtype()
     device = device or auto_device
     dtype = dtype or (auto_dtype if device.startswith("cuda") else torch.float32)
@@ -155,7 +176,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
             raise ModelLoadError(f"could not load the toy world: {error}") from None
     else:
         pipe = _load_pretrained(model, dtype)
-    if pipe.unet.dtype != dtype:
+    if model_family(pipe).denoiser(pipe).dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -165,21 +186,21 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None, dtype: 
 
 
 def _load_pretrained(model: str, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
     path = Path(model).expanduser()
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if path.is_file():
             if path.suffix not in (".safetensors", ".ckpt"):
                 raise ModelLoadError(f"{model!r} is a file but not a .safetensors or .ckpt checkpoint")
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            cls = _single_file_class(path)
+            return cls.from_single_file(str(path), **_load_kwargs(cls, dtype))
         if path.is_dir():
-            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+            cls = _pipeline_class(model, str(path), local_files_only=True)
+            return cls.from_pretrained(str(path), local_files_only=True, **_load_kwargs(cls, dtype))
         if model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise ModelLoadError(f"model {model!r} is neither a local folder/file nor a hub id like "
                                  f"'{DEFAULT_MODEL}' (or 'toy' / 'tiny' for the offline models)")
-        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+        cls = _pipeline_class(model, model)
+        return cls.from_pretrained(model, **_load_kwargs(cls, dtype))
     except ModelLoadError:
         raise
     except Exception as error:  # hub, network and format errors come in many types; one sentence for all
@@ -189,3 +210,41 @@ def _load_pretrained(model: str, dtype: torch.dtype):
             f"could not load model {model!r} ({reason}). Check the network or that the model is in the "
             f"Hugging Face cache (HF_HOME), pass a local diffusers folder or .safetensors file, or use 'toy' (the "
             f"offline toy world) or 'tiny' (offline random weights).") from None
+
+
+SDXL_CHECKPOINT_KEYS = ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",  # base
+                        "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias")  # refiner
+
+
+def _pipeline_class(model: str, where: str, **hub):
+    """The pipeline class a diffusers folder or hub repository names in its model_index.json, if supported."""
+    import diffusers
+
+    name = diffusers.DiffusionPipeline.load_config(where, **hub).get("_class_name", "")
+    supported = {family.pipeline_class for family in FAMILIES.values()}
+    if name not in supported:
+        raise ModelLoadError(f"{model!r} is a {name or 'pipeline of unknown class'}; supported are "
+                             f"{', '.join(sorted(supported))}")
+    return getattr(diffusers, name)
+
+
+def _single_file_class(path: Path):
+    """SDXL or SD-1.x/2.x, by the keys of a single-file checkpoint (the SD loader tells 1.x from 2.x itself).
+    Only .safetensors headers can be read without loading the file; a .ckpt loads as SD-1.x/2.x."""
+    import diffusers
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as checkpoint:
+            if any(key in checkpoint.keys() for key in SDXL_CHECKPOINT_KEYS):
+                return diffusers.StableDiffusionXLPipeline
+    return diffusers.StableDiffusionPipeline
+
+
+def _load_kwargs(cls, dtype: torch.dtype) -> dict:
+    import diffusers
+
+    if issubclass(cls, diffusers.StableDiffusionPipeline):  # the only family with a safety checker to switch off
+        return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    return dict(dtype=dtype)

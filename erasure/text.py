@@ -1,8 +1,11 @@
-"""Prompts -> token rows of the text encoder's last hidden state, batched and cached per pipeline.
+"""Prompts -> the token rows the denoiser sees for them, batched and cached per pipeline.
 
-Token conventions (shared by UCE and SPEED's reference code): a concept is represented by its *last
+How rows are computed is the model family's (families.py): CLIP's last hidden state on SD-1.x/2.x, both
+encoders' penultimate states concatenated on SDXL, T5's last hidden state at the pipeline's sequence length
+on FLUX. Token conventions (shared by UCE and SPEED's reference code): a concept is represented by its *last
 subject token*, index `attention_mask.sum() - 2`; for the empty prompt that is BOS, which is the same
 for every prompt because the CLIP text encoder is causal. SPEED's all-token mode uses rows 1..76.
+On T5 (no BOS, "a cat" -> [a, cat, </s>]) the same index is the last subject token; "" is row 0, its EOS.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
     for concept, ids in zip(texts, tokenizer(texts, truncation=False).input_ids):
         n_tokens = len(ids)
         if n_tokens > tokenizer.model_max_length:
-            warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - 2} tokens; CLIP keeps "
+            warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - 2} tokens; the text encoder keeps "
                           f"{tokenizer.model_max_length - 2}, so it is truncated")
     return Concepts(tuple(targets), tuple(anchors), tuple(retain_clean))
 
@@ -115,26 +118,31 @@ def encode_texts(pipe, texts: Sequence[str], full_length: bool = False, progress
 def _encode_cached(pipe, cache, texts, full_length, progress):
     from tqdm.auto import tqdm
 
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    from .pipeline import pipeline_state
+
+    family = pipeline_state(pipe).family
+    tokenizer = family.tokenizer(pipe)
     found = {t: e for t in dict.fromkeys(texts) if (e := cache.get((t, full_length))) is not None}
     todo = [t for t in dict.fromkeys(texts) if t not in found]
     if not todo:
         return [found[text] for text in texts]
-    limit = tokenizer.model_max_length
-    counts = [limit] * len(todo) if full_length else map(len, tokenizer(todo, truncation=True).input_ids)
+    limit = family.sequence_length(pipe)
+    # A non-causal encoder (T5) sees the padding: rows are only the pipeline's own at its full length.
+    padded = full_length or not family.causal
+    counts = [limit] * len(todo) if padded else map(len, tokenizer(todo, truncation=True).input_ids)
     by_length: dict[int, list[str]] = {}
     for text, count in zip(todo, counts):
         by_length.setdefault(count, []).append(text)
-    batch_size = FULL_BATCH if full_length else SHORT_BATCH
+    batch_size = FULL_BATCH if padded else SHORT_BATCH
     chunks = [(length, group[start:start + batch_size]) for length, group in sorted(by_length.items())
               for start in range(0, len(group), batch_size)]
     for length, chunk in tqdm(chunks, desc="encoding concepts", unit="batch",
                               disable=not progress or len(chunks) < 2):
         batch = chunk + chunk[-1:] * (batch_size - len(chunk))
-        tokens = tokenizer(batch, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-        hidden = encoder(tokens.input_ids.to(encoder.device))[0]
-        lengths = tokens.attention_mask.sum(1)
+        hidden, lengths = family.encode(pipe, batch, length)
         for i, text in enumerate(chunk):
             keep = length if full_length else int(lengths[i])
-            found[text] = cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), int(lengths[i]) - 2)
+            # T5 has no BOS: "" is one EOS token, whose row is the empty prompt's subject row.
+            subject = max(int(lengths[i]) - 2, 0)
+            found[text] = cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), subject)
     return [found[text] for text in texts]

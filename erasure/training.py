@@ -42,6 +42,7 @@ class TrainingJob:
         from .generate import default_settings
         from .text import encode_texts
 
+        pipeline_state(pipe).family.check_unet_method("training (ESD, Minimalist)")
         settings = default_settings(pipe)
         with pipeline_state(pipe).lock:  # a generation may have another sampler swapped in until it ends
             config = dict(pipe.scheduler.config)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..apply import applied
 from ..generate import Settings, generate_images
+from ..pipeline import pipeline_state
 from .noisy import NoisyDDIMScheduler, single_image
 
 
@@ -286,7 +287,6 @@ class Judge:
     `scorer`: a loaded CLIP scorer to use (default: the standard one)."""
 
     def __init__(self, pipe, edit, kind: str, scorer=None):
-        from ..pipeline import pipeline_state
         from ..toy import TOY_MODEL
 
         self.target = edit.targets[0]
@@ -357,6 +357,7 @@ def run_probes(pipe, edit, names: Sequence[str], prompts: Sequence[str], seeds: 
     from .interference import interference
 
     check_probe_names(names)
+    pipeline_state(pipe).family.check_unet_method("the probes")
     report = {"target": edit.targets[0], "method": edit.method, "judge": judge.name, "prompts": list(prompts),
               "seeds": [int(s) for s in seeds], "steps": settings.steps, "guidance": settings.guidance,
               "probes": {}}
