@@ -87,6 +87,12 @@ def tiny_app(tmp_path_factory):
     yield from serve("tiny", tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def sdxl_app(tmp_path_factory):
+    """`python app.py --model tiny-sdxl`: a random-weight SDXL (two text encoders, text-time embedding)."""
+    yield from serve("tiny-sdxl", tmp_path_factory)
+
+
 def serve(model: str, tmp_path_factory):
     port = free_port()
     folder = tmp_path_factory.mktemp("app")
@@ -479,3 +485,32 @@ def test_user_probes_an_erased_circle_and_reads_the_recovery_table_and_sheet(app
     if os.environ.get("SCREENSHOT_TO"):  # beside the README's screenshot: screenshot-probe.png
         target = ROOT / os.environ["SCREENSHOT_TO"]
         shutil.copyfile(shot, target.with_name(f"{target.stem}-probe{target.suffix}"))
+
+
+def test_user_erases_with_uce_on_sdxl_and_sees_the_comparison_grid(sdxl_app, browser, shots):
+    """The same app, no SDXL-specific code in it: UCE on both encoders' rows, then original | edited."""
+    page = open_page(browser, sdxl_app.url)
+    choose(page, "method", "uce")
+    page.fill("#targets textarea", "cat")
+    page.fill("#anchors textarea", "")
+    page.fill("#retain textarea", "dog")
+    page.click("#erase")
+    page.wait_for_selector("#edit-report :text('modules changed')")
+    page.click("#layers-accordion >> text=Per-layer statistics")
+    layer_cells = page.locator("#layers [role=gridcell][data-col='0']")
+    layer_cells.first.wait_for()
+    names = [t.strip() for t in layer_cells.all_inner_texts()]
+    assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn2.to_v") for n in names), names
+
+    page.fill("#erase-prompts textarea", "a photo of a cat")
+    page.fill("#keep-prompts textarea", "a photo of a dog")
+    page.fill("#seeds textarea", "0")
+    page.click("#generate")
+    page.wait_for_selector("#status :text('rows x')")
+    captions = page.locator("#erase-gallery .caption-label, #keep-gallery .caption-label").all_inner_texts()
+    assert [c.split(" · ")[0] for c in captions] == ["original", "#1 UCE: cat"] * 2, captions
+    assert all(CAPTION.search(c) for c in captions), captions
+    shown = gallery_images(page, sdxl_app, "erase-gallery")
+    assert [image.size for image in shown.values()] == [(64, 64)] * 2  # tiny-sdxl's native size
+    page.screenshot(path=str(shots / "sdxl.png"), full_page=True)
+    page.close()
