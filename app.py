@@ -39,6 +39,7 @@ import erasure
 from erasure.apply import check_applicable
 from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
                              run_record, suggest_prompts, summary_rows)
+from erasure.export import save_edited_weights, save_lora
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import concept_tokenizer, pipeline_state
@@ -62,6 +63,18 @@ except ImportError:
 
 CSS = Path(__file__).resolve().parent / "assets" / "app.css"
 FILE_LIFETIME_S = 3600  # downloads (edits, run records) are deleted after an hour
+# What the app exports beside the native edit file (a baked multi-GB pipeline folder is the CLI's:
+# `python -m erasure export --format diffusers`).
+EXPORTS = {"LoRA, diffusers/PEFT keys": "peft", "LoRA, kohya keys": "kohya", "Edited weights (state dict)": "weights"}
+
+
+def parse_rank(rank) -> int | None:
+    """The export's rank field: 0 or empty = each layer's exact rank."""
+    if rank in (None, "", 0):
+        return None
+    if isinstance(rank, bool) or not float(rank).is_integer() or rank < 0:
+        raise ValueError(f"rank must be a whole number >= 1 (or 0 for the exact rank), got {rank!r}")
+    return int(rank)
 
 
 @contextmanager
@@ -183,6 +196,30 @@ class Studio:
             check_applicable(self.pipe, edit)
         session, dropped = self._remember(session, edit, _session_id(request))
         return session, self._edit_choices(session), self._report(edit, dropped, Path(file).name), layer_table(edit)
+
+    def export_edit(self, session: list, form: str, rank, request: gr.Request | None = None):
+        """The session's latest edit as a LoRA (exact rank, or `rank` with its error) or as its edited weights."""
+        if not session:
+            raise gr.Error("No edit to export yet: erase a concept or upload an edit first.", print_exception=False)
+        latest = max(session, key=lambda entry: entry["number"])
+        with user_errors():
+            if form not in EXPORTS:
+                raise ValueError(f"unknown export {form!r}; choose from {list(EXPORTS)}")
+            edit = self.edits.get(latest["id"])
+            rank = parse_rank(rank)
+            if EXPORTS[form] == "weights":
+                if rank is not None:
+                    raise ValueError("a rank applies to LoRA exports only; leave it at 0 for edited weights")
+                path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-weights", ".safetensors")
+                return str(save_edited_weights(self.pipe, edit, path)), (
+                    f"**{latest['label']}**: {len(edit.modules())} edited weights by UNet name, for "
+                    f"`unet.load_state_dict(load_file(path), strict=False)`.")
+            path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-lora", ".safetensors")
+            report = save_lora(self.pipe, edit, path, rank, EXPORTS[form])
+        exact = "exact" if report["rank"] >= report["exact_rank"] else f"exact rank {report['exact_rank']}"
+        return str(path), (f"**{latest['label']}**: LoRA of rank {report['rank']} ({exact}) over {report['layers']} "
+                           f"layers; relative error ‖ΔW − BA‖/‖ΔW‖ = {report['relative_error']:.3g}. Load it with "
+                           f"`pipe.load_lora_weights(path)`.")
 
     def clear_edits(self, session: list):
         self.edits.discard(entry["id"] for entry in session)
@@ -729,6 +766,16 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                                   "down_blocks.1.attentions.0", interactive=False, wrap=True,
                                                   elem_id="layers", column_widths=["40%", "20%", "20%", "20%"])
                         edit_file = gr.File(label="Download the edit (.safetensors)", interactive=False)
+                        with gr.Accordion("Export the latest edit (LoRA, edited weights)", open=False,
+                                          elem_id="export-accordion"):
+                            with gr.Row(equal_height=True):
+                                export_form = gr.Dropdown(list(EXPORTS), value=next(iter(EXPORTS)), label="Format",
+                                                          elem_id="export-format", scale=3)
+                                export_rank = gr.Number(0, label="LoRA rank", info="0 = exact", precision=0,
+                                                        minimum=0, elem_id="export-rank", scale=1, min_width=90)
+                            export_button = gr.Button("Export", size="sm", elem_id="export")
+                            export_note = gr.Markdown(elem_id="export-note")
+                            export_file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
                         upload = gr.File(label="Upload an edit (.safetensors)", file_types=[".safetensors"],
                                          elem_id="upload")
 
@@ -832,6 +879,8 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
         job_cancel.click(studio.cancel_job, None, [job_status], api_name="cancel_training", queue=False)
         uploading = upload.upload(studio.upload_edit, [upload, session], [session, compared, edit_summary, layers],
                                   api_name="upload_edit", **gpu)
+        export_button.click(studio.export_edit, [session, export_form, export_rank], [export_file, export_note],
+                            api_name="export_edit", **gpu)
         for event in (erasing, uploading):  # a failure's "Error" badge would sit over the last edit's report
             event.failure(studio.edit_failed, [session], [compared, edit_summary, layers, job_status],
                           api_name="edit_failed", **ui_only)

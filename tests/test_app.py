@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import app
 import erasure
+from erasure.apply import edited_weights
 from erasure.limits import Limits
 from erasure.generate import Settings, generate_images
 from erasure.pipeline import pipeline_state
@@ -87,6 +88,26 @@ def test_every_event_has_an_api_name(server):
     names = [fn.api_name for fn in demo.fns.values()]
     assert names and all(names), names
     assert {"erase", "generate", "cancel", "upload_edit", "clear_edits", "load_preset", "suggest_prompts"} <= set(names)
+
+
+def test_the_latest_edit_exports_as_a_lora_diffusers_loads(pipe, client, untouched):
+    with pytest.raises(AppError, match="No edit to export yet"):
+        client.predict("LoRA, diffusers/PEFT keys", 0, api_name="/export_edit")
+    erase(client, "Snoopy")
+    erase(client, "Mickey, Pikachu", retain="Garfield")
+    path, note = client.predict("LoRA, diffusers/PEFT keys", 0, api_name="/export_edit")
+    assert "#2 UCE: Mickey, Pikachu" in note and "rank 2 (exact)" in note
+    fresh = erasure.load_pipeline("tiny", device="cpu")
+    fresh.load_lora_weights(path)
+    fresh.fuse_lora()
+    reference = erasure.erase(pipe, "uce", ["Mickey", "Pikachu"], [""], ["Garfield"])
+    modules = dict(fresh.unet.named_modules())
+    for name, weight in edited_weights(pipe, reference).items():
+        assert torch.allclose(modules[name].weight, weight, rtol=0, atol=1e-6)
+    path, note = client.predict("LoRA, kohya keys", 1, api_name="/export_edit")
+    assert "rank 1 (exact rank 2)" in note and float(re.search(r"‖ΔW‖ = ([0-9]+\.[0-9]+)", note)[1]) > 0.01
+    with pytest.raises(AppError, match="a rank applies to LoRA exports only"):
+        client.predict("Edited weights (state dict)", 2, api_name="/export_edit")
 
 
 def test_erase_then_generate_gives_a_captioned_same_seed_grid_and_run_record(pipe, client, untouched):
@@ -485,7 +506,7 @@ def test_fallback_notice_keeps_the_loaders_reason_in_whole_words(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError(reason)
 
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", unreachable)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", unreachable)  # the loader's first hub read
     _, _, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
     shown = notice[notice.index("(") + 1: notice.index(")")]
     assert shown.endswith(" …") and reason.startswith(shown.removesuffix(" …"))
