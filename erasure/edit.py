@@ -167,7 +167,7 @@ class Edit:
             params = spec.parse_params(fields["params"])
         except ValueError as error:
             raise EditFileError(f"{source!r}: {error}") from None
-        allowed = spec.edits(params)
+        allowed = declared_modules(spec.edits(params))
         patches = {}
         for key in sorted(tensors):
             patch = Patch(kinds[key], tensors[key])
@@ -178,6 +178,17 @@ class Edit:
             patches[key] = patch
         return cls(patches, method, fields["params"], fields["targets"], fields["anchors"], fields["retain"],
                    model_id, digest, fields["stats"])
+
+
+def declared_modules(suffixes) -> tuple[str, ...]:
+    """A method's declared module suffixes, plus each family's layer that stands for all of them (FLUX's
+    `context_embedder` carries both keys and values, so an edit of attn2.to_k and to_v may change it)."""
+    from .families import FAMILIES
+
+    suffixes = tuple(suffixes)
+    stand_ins = [layer for family in FAMILIES.values() for layer, meant in family.stands_for.items()
+                 if all(suffix.endswith(suffixes) for suffix in meant)]
+    return suffixes + tuple(dict.fromkeys(stand_ins))
 
 
 def check_patch(key: str, patch: Patch, source: str, version: str = FORMAT_VERSION) -> None:

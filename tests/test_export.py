@@ -128,3 +128,28 @@ def test_export_refuses_bad_requests(tmp_path, pipe, edits):
         export(pipe, edits["uce"], tmp_path / "x.pt", "lora")
     with pytest.raises(ValueError, match="rank >= 1"):
         export(pipe, edits["uce"], tmp_path / "x.safetensors", "lora", rank=0)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sdxl", "tiny-flux"])
+def test_every_family_round_trips_its_edit_file_lora_and_baked_folder(tmp_path, model):
+    from erasure.generate import default_settings
+
+    pipe = erasure.load_pipeline(model, device="cpu")
+    edit = erasure.erase(pipe, "uce", ["cat", "red car"], [""], ["dog"])
+    loaded = erasure.Edit.load(edit.save(tmp_path / "edit.safetensors"))  # FLUX: context_embedder stands for K/V
+    assert all(torch.equal(loaded.patches[k].value, p.value) for k, p in edit.patches.items())
+    want = edited_weights(pipe, edit)
+
+    report = save_lora(pipe, edit, tmp_path / "lora.safetensors")
+    assert report["rank"] == report["exact_rank"] == 2
+    fresh = erasure.load_pipeline(model, device="cpu")
+    fresh.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    fresh.fuse_lora()
+    got = {name: module.weight.detach() for name, module in pipeline_state(fresh).modules.items()}
+    assert relative_change_error(pipe, got, want) <= 1e-5
+
+    save_baked(pipe, edit, tmp_path / "baked")
+    baked = erasure.load_pipeline(str(tmp_path / "baked"), device="cpu")
+    settings = default_settings(pipe, steps=2)
+    rendered = generate_images(baked, ["a photo of a cat"], [0], settings)[0]
+    assert rendered.tobytes() == generate_images(pipe, ["a photo of a cat"], [0], settings, edit)[0].tobytes()
