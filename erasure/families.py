@@ -92,7 +92,7 @@ class Family:
     def check_unet_method(self, what: str) -> None:
         """Trained methods and probes run an SD UNet themselves; other families are refused by name here."""
         if not self.unet_methods:
-            raise ValueError(f"{what} supports SD-1.x/2.x UNet pipelines only; this model is {self.name.upper()} "
+            raise ValueError(f"{what}: SD-1.x/2.x UNet pipelines only; this model is {self.name.upper()} "
                              f"(closed forms such as UCE and SPEED work on it)")
 
 

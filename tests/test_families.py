@@ -187,7 +187,7 @@ def test_probes_refuse_non_unet_families_by_name(model):
 
     pipe = erasure.load_pipeline(model, device="cpu")
     edit = erasure.erase(pipe, "uce", targets=["Snoopy"])
-    with pytest.raises(ValueError, match=f"the probes supports SD-1.x/2.x UNet pipelines only; this model is "
+    with pytest.raises(ValueError, match=f"the probes: SD-1.x/2.x UNet pipelines only; this model is "
                                          f"{FAMILIES[model].upper()}"):
         run_probes(pipe, edit, ["standard"], [TARGET_PROMPT], [0], default_settings(pipe), None)
 
