@@ -14,7 +14,7 @@ import torch
 from .compute import erase
 from .methods import METHODS, closed_forms
 from .methods.speed import LEAST_GAIN_CACHE
-from .pipeline import load_pipeline, pipeline_state
+from .pipeline import denoiser, load_pipeline, pipeline_state
 from .presets import load_preset
 
 
@@ -30,7 +30,7 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
     start = time.perf_counter()
     pipe = load_pipeline(model, device=device)
     device = str(pipe.device)
-    print(f"built {model} on {device} ({pipe.unet.dtype}) in {time.perf_counter() - start:.1f} s; "
+    print(f"built {model} on {device} ({denoiser(pipe).dtype}) in {time.perf_counter() - start:.1f} s; "
           f"{len(pipeline_state(pipe).modules)} editable projections")
     pool = list(load_preset("celebrity-100").targets) + list(load_preset("instance").retain)
     instance_retain = list(load_preset("instance").retain)[:600]
@@ -48,7 +48,7 @@ def run_bench(device: str | None = None, concept_counts=(1, 10, 100), methods=No
             results.append({"method": method, "concepts": len(targets), "retain": runs[0]["retain"],
                             "matrices": runs[0]["matrices"], **row, "repeats": repeats,
                             "peak_memory_gib": _peak_memory_gib(device), "device": device,
-                            "dtype": str(pipe.unet.dtype).replace("torch.", "")})
+                            "dtype": str(denoiser(pipe).dtype).replace("torch.", "")})
             print_row(results[-1], header=len(results) == 1)
     if json_path:
         with open(json_path, "w") as f:

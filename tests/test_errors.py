@@ -47,9 +47,14 @@ def snoopy_edit(pipe):
     return erasure.erase(pipe, "speed", ["Snoopy"], [""], ["Pikachu"])
 
 
+def stored(edit) -> dict[str, torch.Tensor]:
+    """The tensors an edit file holds, by key."""
+    return {key: patch.value for key, patch in edit.patches.items()}
+
+
 def test_non_safetensors_edit_file_is_refused(tmp_path, snoopy_edit):
     pickle_file = tmp_path / "edit.pt"
-    torch.save(edited_weights(pipe, snoopy_edit), pickle_file)
+    torch.save(stored(snoopy_edit), pickle_file)
     with pytest.raises(erasure.EditFileError, match="pickle files .* are refused"):
         erasure.Edit.load(pickle_file)
 
@@ -68,14 +73,14 @@ def test_corrupt_edit_file_is_refused(tmp_path, snoopy_edit):
 
 def test_safetensors_without_edit_metadata_is_refused(tmp_path, snoopy_edit):
     path = tmp_path / "plain.safetensors"
-    save_file({f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}, str(path))
+    save_file(stored(snoopy_edit), str(path))
     with pytest.raises(erasure.EditFileError, match="not an Erasure Studio edit"):
         erasure.Edit.load(path)
 
 
 def test_edit_file_with_tensors_its_metadata_does_not_list_is_refused(tmp_path, snoopy_edit):
     path = tmp_path / "sneaky.safetensors"
-    tensors = {f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}
+    tensors = stored(snoopy_edit)
     tensors["conv_in.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(path), metadata=snoopy_edit.metadata())
     with pytest.raises(erasure.EditFileError, match="'patches' must name the kind of exactly the tensors stored"):
@@ -108,7 +113,6 @@ def test_unknown_model_gives_one_clear_sentence():
 ])
 def test_edit_file_with_malformed_metadata_is_refused(tmp_path, snoopy_edit, field, value, message):
     path = tmp_path / "odd.safetensors"
-    save_file({f"{n}.weight": w for n, w in edited_weights(pipe, snoopy_edit).items()}, str(path),
-              metadata=snoopy_edit.metadata() | {field: value})
+    save_file(stored(snoopy_edit), str(path), metadata=snoopy_edit.metadata() | {field: value})
     with pytest.raises(erasure.EditFileError, match=message):
         erasure.Edit.load(path)

@@ -68,7 +68,8 @@ def test_the_noise_based_probe_varies_only_eta_and_v_from_one_initial_latent(pip
 
 def test_the_diagnostic_compares_both_models_on_the_same_noised_latents(pipe, edit, untouched):
     state = pipeline_state(pipe)
-    base = {key: Patch("tensor", original_parameter(state, key).clone()) for key in edit.patches}
+    base = {f"{module}.weight": Patch("tensor", original_parameter(state, f"{module}.weight").clone())
+            for module in edit.modules()}
     unchanged = Edit(base, "uce", edit.params, ["cat"], [""], ["dog"], edit.model_id, edit.fingerprint)
     same = probes.diagnostic(pipe, unchanged, "a photo of a cat", [0, 1], SETTINGS, timesteps=(200, 800))
     assert same.target_edited == same.target_original and same.empty_edited == same.empty_original
