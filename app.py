@@ -746,7 +746,7 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                             placeholder="e.g. Pikachu, Garfield", elem_id="retain")
                         method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method",
                                              elem_id="method")
-                        method_summary = gr.Markdown(elem_classes="method-summary")
+                        method_summary = gr.Markdown(elem_classes="method-summary", elem_id="method-summary")
                         param_inputs, method_groups = {}, {}
                         with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
                             for name in sorted(erasure.METHODS):

@@ -491,6 +491,7 @@ def test_user_erases_with_uce_on_sdxl_and_sees_the_comparison_grid(sdxl_app, bro
     """The same app, no SDXL-specific code in it: UCE on both encoders' rows, then original | edited."""
     page = open_page(browser, sdxl_app.url)
     choose(page, "method", "uce")
+    page.wait_for_selector("#method-summary :text('Unified Concept Editing')")
     page.fill("#targets textarea", "cat")
     page.fill("#anchors textarea", "")
     page.fill("#retain textarea", "dog")
@@ -512,5 +513,6 @@ def test_user_erases_with_uce_on_sdxl_and_sees_the_comparison_grid(sdxl_app, bro
     assert all(CAPTION.search(c) for c in captions), captions
     shown = gallery_images(page, sdxl_app, "erase-gallery")
     assert [image.size for image in shown.values()] == [(64, 64)] * 2  # tiny-sdxl's native size
+    assert "Unified Concept Editing" in page.locator("#method-summary").inner_text()  # the method chosen, described
     page.screenshot(path=str(shots / "sdxl.png"), full_page=True)
     page.close()
