@@ -336,7 +336,7 @@ def test_fallback_banner_shows_the_loaders_reason_in_whole_words(monkeypatch, br
     def unreachable(*args, **kwargs):
         raise OSError(reason)
 
-    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", unreachable)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", unreachable)  # the loader's first hub read
     pipe, scorer, notice = studio_app.load_models("nobody/not-a-cached-model", device="cpu")
     demo = studio_app.build_demo(studio_app.Studio(pipe, scorer, Limits(), notice))
     _, url, _ = studio_app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None)
@@ -352,6 +352,17 @@ def test_fallback_banner_shows_the_loaders_reason_in_whole_words(monkeypatch, br
         page.close()
     finally:
         demo.close()
+
+
+def compare_cat_and_dog(page, *galleries: str) -> list[str]:
+    """Generate "a photo of a cat" (to erase) and "a photo of a dog" (to keep) on seed 0; the captions of the
+    galleries with these elem_ids, in order."""
+    page.fill("#erase-prompts textarea", "a photo of a cat")
+    page.fill("#keep-prompts textarea", "a photo of a dog")
+    page.fill("#seeds textarea", "0")
+    page.click("#generate")
+    page.wait_for_selector("#status :text('rows x')")
+    return page.locator(", ".join(f"#{gallery} .caption-label" for gallery in galleries)).all_inner_texts()
 
 
 def choose(page, elem_id: str, option: str):
@@ -410,12 +421,7 @@ def test_a_training_job_shows_progress_cancels_finishes_and_compares_while_anoth
     assert [label.strip() for label in labels] == ["#1 SPEED: cat", "#2 ESD-X: cat"]
     assert "Trained in" in page.locator("#edit-report").inner_text()
 
-    page.fill("#erase-prompts textarea", "a photo of a cat")
-    page.fill("#keep-prompts textarea", "a photo of a dog")
-    page.fill("#seeds textarea", "0")
-    page.click("#generate")
-    page.wait_for_selector("#status :text('rows x')")
-    captions = page.locator("#erase-gallery .caption-label").all_inner_texts()
+    captions = compare_cat_and_dog(page, "erase-gallery")
     assert [c.split(" · ")[0] for c in captions] == ["original", "#1 SPEED: cat", "#2 ESD-X: cat"], captions
     page.screenshot(path=str(shots / "trained-compared.png"), full_page=True)
     page.close()
@@ -503,12 +509,7 @@ def test_user_erases_with_uce_on_sdxl_and_sees_the_comparison_grid(sdxl_app, bro
     names = [t.strip() for t in layer_cells.all_inner_texts()]
     assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn2.to_v") for n in names), names
 
-    page.fill("#erase-prompts textarea", "a photo of a cat")
-    page.fill("#keep-prompts textarea", "a photo of a dog")
-    page.fill("#seeds textarea", "0")
-    page.click("#generate")
-    page.wait_for_selector("#status :text('rows x')")
-    captions = page.locator("#erase-gallery .caption-label, #keep-gallery .caption-label").all_inner_texts()
+    captions = compare_cat_and_dog(page, "erase-gallery", "keep-gallery")
     assert [c.split(" · ")[0] for c in captions] == ["original", "#1 UCE: cat"] * 2, captions
     assert all(CAPTION.search(c) for c in captions), captions
     shown = gallery_images(page, sdxl_app, "erase-gallery")

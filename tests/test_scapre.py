@@ -334,7 +334,7 @@ def test_cli_erase_with_scapre_scale(tmp_path, capsys):
     assert main(["erase", "--model", "tiny", "--method", "scapre-scale", "--targets", "Snoopy",
                  "--use_mi_softmask", "true", "--p", "8", "--out", str(out)]) == 0
     edit = erasure.Edit.load(out)
-    assert edit.method == "scapre-scale" and edit.targets == ["Snoopy"] and len(edited_weights(pipe, edit)) == 8
+    assert edit.method == "scapre-scale" and edit.targets == ["Snoopy"] and len(edit.patches) == 8
     assert edit.params["use_mi_softmask"] is True and edit.params["p"] == 8.0
     assert "scapre-scale: erased 1 concept(s)" in capsys.readouterr().out
 
