@@ -42,7 +42,7 @@ from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse
 from erasure.export import save_edited_weights, save_lora
 from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
-from erasure.pipeline import concept_tokenizer, pipeline_state
+from erasure.pipeline import concept_tokenizer, method_defaults, pipeline_state
 from erasure.presets import KINDS, load_preset, prompt_templates
 from erasure.probes import (PROBE_TITLES, PROBES, Judge, check_probe_names, probe_sheet, recovery_table,
                             run_probes)
@@ -96,6 +96,8 @@ class Studio:
     def __init__(self, pipe, scorer, limits: Limits = Limits(), notice: str = "", originals_folder=None):
         self.pipe, self.scorer, self.limits, self.notice = pipe, scorer, limits, notice
         self.model_id = pipeline_state(pipe).model_id
+        # method -> parameter -> default on this model (the paper's, or the family's where those cannot apply)
+        self.param_defaults = {name: method_defaults(pipe, name) for name in erasure.METHODS}
         self.edits = EditStore()
         self.originals = OriginalCache(max_images=512, folder=originals_folder)
         self.cancel_flags = CancelFlags()
@@ -115,8 +117,8 @@ class Studio:
             return [gr.skip()] * (4 + len(PARAM_KEYS))
         with user_errors():
             preset = load_preset(name)
-        params = [preset.method_params(method).get(param, spec["default"])
-                  for method, param, spec in PARAM_KEYS]
+        params = [preset.method_params(method).get(param, self.param_defaults[method][param])
+                  for method, param, _ in PARAM_KEYS]
         return [", ".join(preset.targets), ", ".join(preset.anchors), "\n".join(preset.retain), preset.kind,
                 *params]
 
@@ -487,15 +489,16 @@ PARAM_KEYS = [(name, param, spec) for name, method in sorted(erasure.METHODS.ite
               for param, spec in method.schema().items()]
 
 
-def param_component(method: str, name: str, spec: dict):
+def param_component(method: str, name: str, spec: dict, default):
+    """The Advanced panel's field for one parameter, showing `default` (the paper's, or the model family's)."""
     common = dict(label=name, info=spec["help"], elem_id=f"{method}-{name}")
     if spec["type"] == "bool":
-        return gr.Checkbox(value=spec["default"], **common)
+        return gr.Checkbox(value=default, **common)
     if "choices" in spec:
-        return gr.Dropdown(spec["choices"], value=spec["default"], **common)
+        return gr.Dropdown(spec["choices"], value=default, **common)
     if spec["type"] in ("int", "float"):
-        return gr.Number(value=spec["default"], precision=0 if spec["type"] == "int" else None, **common)
-    return gr.Textbox(value=str(spec["default"]), **common)
+        return gr.Number(value=default, precision=0 if spec["type"] == "int" else None, **common)
+    return gr.Textbox(value=str(default), **common)
 
 
 def job_progress(job) -> str:
@@ -753,7 +756,8 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                 with gr.Group(visible=name == first_method) as method_groups[name]:
                                     for method_name, param, spec in PARAM_KEYS:
                                         if method_name == name:
-                                            param_inputs[f"{name}_{param}"] = param_component(name, param, spec)
+                                            param_inputs[f"{name}_{param}"] = param_component(
+                                                name, param, spec, studio.param_defaults[name][param])
                         erase_button = gr.Button("Erase", variant="primary", elem_id="erase")
                         with gr.Row(equal_height=True):
                             job_status = gr.Markdown(elem_id="job-status")

@@ -36,8 +36,8 @@ def erase(pipe, method: str, targets: Sequence[str], anchors: Sequence[str] = ("
     `should_stop()` turns true.
     """
     spec = get_method(method)
-    parsed = spec.parse_params(params)
     state = pipeline_state(pipe)
+    parsed = spec.parse_params({**state.family.param_defaults.get(spec.name, {}), **params})
     concepts = validate_concepts(targets, anchors, retain, concept_tokenizer(pipe), max_concepts)
     if not spec.uses_retain and concepts.retain:
         warnings.warn(f"{spec.name} uses no retain concepts; the {len(concepts.retain)} given are ignored")

@@ -53,6 +53,8 @@ class Family:
     schedulers: tuple[str, ...] = SD_SCHEDULERS
     settings: dict = field(default_factory=dict)  # the family's own generation defaults
     unet_methods: bool = True  # trained methods and probes drive an SD UNet directly
+    # method -> parameter values that replace the paper's defaults on this family (where those cannot apply)
+    param_defaults: dict[str, dict] = field(default_factory=dict)
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_attr)
@@ -134,7 +136,8 @@ SDXL = Family("sdxl", "StableDiffusionXLPipeline", "unet", SD_KEY_VALUE, _sdxl_p
               settings={"guidance": 5.0, "scheduler": "euler"}, unet_methods=False)
 FLUX = Family("flux", "FluxPipeline", "transformer", ("context_embedder",), _t5_last_hidden,
               lambda pipe: pipe.tokenizer_2, causal=False, stands_for={"context_embedder": SD_KEY_VALUE},
-              schedulers=FLOW_SCHEDULERS, settings={"guidance": 3.5, "scheduler": "flow-euler"}, unet_methods=False)
+              schedulers=FLOW_SCHEDULERS, settings={"guidance": 3.5, "scheduler": "flow-euler"}, unet_methods=False,
+              param_defaults={"speed": {"params": "KV"}})  # context_embedder feeds keys and values alike
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL, FLUX)}
 
 

@@ -71,6 +71,16 @@ def concept_tokenizer(pipe):
     return pipeline_state(pipe).family.tokenizer(pipe)
 
 
+def method_defaults(pipe, method: str) -> dict:
+    """A method's parameter defaults on this pipeline: the paper's, except where the model family cannot apply
+    them (SPEED's value-only default on FLUX, whose one text projection feeds keys and values)."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    overrides = pipeline_state(pipe).family.param_defaults.get(spec.name, {})
+    return {name: overrides.get(name, entry["default"]) for name, entry in spec.schema().items()}
+
+
 def edited_modules(state: PipelineState, suffixes) -> list[str]:
     """The text projections a method declaring module `suffixes` (e.g. ("attn2.to_k", "attn2.to_v")) rewrites on
     this family; a ValueError where the family cannot honour the request (FLUX: keys without values)."""

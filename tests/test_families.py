@@ -13,7 +13,7 @@ from erasure.families import SD_KEY_VALUE, model_family
 from erasure.generate import default_settings, generate_images, generate_pairs
 from erasure.methods import ConceptRows, concept_rows
 from erasure.methods.speed import SpeedParams, speed
-from erasure.pipeline import concept_tokenizer, edited_modules, fingerprint, pipeline_state
+from erasure.pipeline import concept_tokenizer, edited_modules, fingerprint, method_defaults, pipeline_state
 from erasure.text import encode_texts, validate_concepts
 
 FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "tiny-flux": "flux"}
@@ -167,10 +167,24 @@ def test_prompt_with_every_row_preserved_renders_the_same_image(family_pipe):
     assert_bitwise_restored(family_pipe, before)
 
 
-def test_flux_refuses_an_edit_of_keys_or_values_alone():
+def test_flux_refuses_an_edit_of_keys_or_values_alone_and_speed_defaults_to_both_there():
     pipe = erasure.load_pipeline("tiny-flux", device="cpu")
     with pytest.raises(ValueError, match="context_embedder, which feeds both keys and values"):
         erasure.erase(pipe, "speed", targets=["Snoopy"], retain=RETAIN, params="V")
+    edit = erasure.erase(pipe, "speed", targets=["Snoopy"], retain=RETAIN)  # the paper's "V" cannot apply here
+    assert edit.params["params"] == "KV" and edit.modules() == ["context_embedder"]
+    assert method_defaults(pipe, "speed")["params"] == "KV"
+    assert method_defaults(erasure.load_pipeline("tiny-sdxl", device="cpu"), "speed")["params"] == "V"
+
+
+def test_the_app_on_flux_offers_speed_with_the_defaults_flux_can_take():
+    import app
+    from erasure.scoring import load_clip_scorer
+
+    pipe = erasure.load_pipeline("tiny-flux", device="cpu")
+    demo = app.build_demo(app.Studio(pipe, load_clip_scorer("tiny")))
+    field = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "speed-params")
+    assert field.value == "KV"
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
