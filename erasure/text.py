@@ -4,7 +4,8 @@ How rows are computed is the model family's (families.py): CLIP's last hidden st
 encoders' penultimate states concatenated on SDXL, T5's last hidden state at the pipeline's sequence length
 on FLUX. Token conventions (shared by UCE and SPEED's reference code): a concept is represented by its *last
 subject token*, index `attention_mask.sum() - 2`; for the empty prompt that is BOS, which is the same
-for every prompt because the CLIP text encoder is causal. SPEED's all-token mode uses rows 1..76.
+for every prompt because the CLIP text encoder is causal. SPEED's all-token mode uses rows 1..76 (on T5,
+which has no start token, every row).
 On T5 (no BOS, "a cat" -> [a, cat, </s>]) the same index is the last subject token; "" is row 0, its EOS.
 """
 
@@ -30,6 +31,7 @@ FULL_BATCH = 8
 class EncodedText:
     rows: torch.Tensor  # [L, d]: L = tokens up to EOS, or the full 77 when encoded at full length
     subject: int  # index of the last subject token (0 = BOS for "")
+    start: int = 1  # the first content row: 1 after a start token (CLIP's BOS), 0 without one (T5)
 
     @property
     def subject_row(self) -> torch.Tensor:
@@ -115,6 +117,12 @@ def encode_texts(pipe, texts: Sequence[str], full_length: bool = False, progress
         return _encode_cached(pipe, state.text_cache, texts, full_length, progress)
 
 
+def content_start(tokenizer) -> int:
+    """1 when the tokenizer puts a start token before the text (CLIP's BOS), 0 when it does not (T5)."""
+    ids = tokenizer("").input_ids
+    return int(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+
+
 def _encode_cached(pipe, cache, texts, full_length, progress):
     from tqdm.auto import tqdm
 
@@ -134,6 +142,7 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
     for text, count in zip(todo, counts):
         by_length.setdefault(count, []).append(text)
     batch_size = FULL_BATCH if padded else SHORT_BATCH
+    start = content_start(tokenizer)
     chunks = [(length, group[start:start + batch_size]) for length, group in sorted(by_length.items())
               for start in range(0, len(group), batch_size)]
     for length, chunk in tqdm(chunks, desc="encoding concepts", unit="batch",
@@ -144,5 +153,5 @@ def _encode_cached(pipe, cache, texts, full_length, progress):
             keep = length if full_length else int(lengths[i])
             # T5 has no BOS: "" is one EOS token, whose row is the empty prompt's subject row.
             subject = max(int(lengths[i]) - 2, 0)
-            found[text] = cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), subject)
+            found[text] = cache[(text, full_length)] = EncodedText(hidden[i, :keep].clone(), subject, start)
     return [found[text] for text in texts]

@@ -82,3 +82,20 @@ def test_an_edit_is_bitwise_the_same_after_any_history(pipe):
     erasure.erase(pipe, "speed", ["Totoro"], [""], ["Garfield", "Bambi"])
     again = erasure.erase(pipe, "uce", **request)
     assert all(torch.equal(again.patches[key].value, p.value) for key, p in first.patches.items())
+
+
+def test_content_rows_start_after_a_start_token_only_where_the_tokenizer_has_one():
+    """CLIP puts BOS first (content from row 1); T5 puts none ("a cat" -> [a, cat, </s>]: content from row 0).
+    The all-token rows of SPEED and ScaPre start there."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from erasure.text import content_start
+    from erasure.tiny import clip_tokenizer
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "cat": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5_like = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>")
+    assert t5_like("a cat").input_ids == [2, 3, 1]
+    assert content_start(t5_like) == 0 and content_start(clip_tokenizer()) == 1

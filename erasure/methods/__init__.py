@@ -27,11 +27,12 @@ class ConceptRows:
     targets: list[torch.Tensor]  # per target concept: [k, d] (k = 1 last subject token, 76 all tokens)
     anchors: list[torch.Tensor]  # paired with targets, same shapes
     retain: torch.Tensor  # [m, d]
-    null: torch.Tensor  # [77, d]: every row of the empty prompt, BOS first
+    null: torch.Tensor  # [77, d]: every row of the empty prompt, BOS first (T5: its EOS first)
+    start: int = 1  # the first content row of a prompt: 1 after CLIP's BOS, 0 on T5 (which has no start token)
 
     def to(self, device) -> "ConceptRows":
         return ConceptRows([t.to(device) for t in self.targets], [a.to(device) for a in self.anchors],
-                           self.retain.to(device), self.null.to(device))
+                           self.retain.to(device), self.null.to(device), self.start)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def get_method(name: str) -> Method:
 
 
 def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) -> ConceptRows:
-    """Rows by the reference conventions: last subject token per concept (or rows 1..76 of each
-    target/anchor prompt when `all_tokens`), retain concepts' last subject tokens, and the empty prompt.
+    """Rows by the reference conventions: last subject token per concept (or every row after the start token of
+    each target/anchor prompt when `all_tokens`), retain concepts' last subject tokens, and the empty prompt.
     Texts are encoded in one batched pass per padding length."""
     retain_texts = list(concepts.retain if retain_texts is None else retain_texts)
     pairs = [*concepts.targets, *concepts.anchors]
@@ -172,12 +173,12 @@ def concept_rows(concepts, encode, all_tokens: bool = False, retain_texts=None) 
     short = encode(retain_texts if all_tokens else [*pairs, *retain_texts], False)
     null = full[-1].rows.double()
     if all_tokens:
-        per_concept = [e.rows[1:].double() for e in full[:-1]]
+        per_concept = [e.rows[e.start:].double() for e in full[:-1]]
     else:
         per_concept, short = [e.subject_row[None].double() for e in short[: len(pairs)]], short[len(pairs):]
     retain = torch.stack([e.subject_row for e in short]).double() if short else null.new_zeros(0, null.shape[1])
     n = len(concepts.targets)
-    return ConceptRows(per_concept[:n], per_concept[n:], retain, null)
+    return ConceptRows(per_concept[:n], per_concept[n:], retain, null, full[-1].start)
 
 
 from . import esd, minimalist, scapre, speed, uce  # noqa: E402,F401  (registers the built-in methods)

@@ -320,7 +320,7 @@ def _tensor_correction(w, pairs: TokenPairs, guide_out, mask) -> torch.Tensor:
 
 def _concepts(rows: ConceptRows) -> tuple[torch.Tensor, torch.Tensor]:
     """C as rows [m, d] (each concept's last content token, X_i[0]) and e, the empty prompt's EOS row."""
-    return torch.stack([x[0] for x in rows.targets]), rows.null[1]
+    return torch.stack([x[0] for x in rows.targets]), rows.null[rows.start]
 
 
 def _cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
@@ -460,7 +460,7 @@ def _prepare(concepts, p, encode) -> ConceptRows:
         targets.append(target.rows[target.subject:target.subject + length].double())
         anchors.append(guide.rows[guide.subject:guide.subject + length].double())
     null = encoded[-1].rows.double()
-    return ConceptRows(targets, anchors, null.new_zeros(0, null.shape[1]), null)
+    return ConceptRows(targets, anchors, null.new_zeros(0, null.shape[1]), null, encoded[-1].start)
 
 
 PAPER = "Deng et al., Forget Many, Forget Right: Scalable and Precise Concept Unlearning in Diffusion Models, ICLR 2026"

@@ -370,7 +370,7 @@ def _prepare(concepts, p: SpeedParams, encode) -> ConceptRows:
     retain = retain_texts_without_targets(concepts.retain, concepts.targets) or [""]
     rows = concept_rows(concepts, encode, all_tokens=all_tokens, retain_texts=[r for r in retain if r])
     if retain == [""]:  # the reference's default retain set: rows 1..76 of the empty prompt
-        rows = ConceptRows(rows.targets, rows.anchors, rows.null[1:], rows.null)
+        rows = ConceptRows(rows.targets, rows.anchors, rows.null[rows.start:], rows.null, rows.start)
     return rows
 
 
