@@ -40,7 +40,7 @@ from erasure.apply import check_applicable
 from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
                              run_record, suggest_prompts, summary_rows)
 from erasure.export import save_edited_weights, save_lora
-from erasure.generate import SCHEDULERS, GenerationCancelled, OriginalCache, Settings, default_settings
+from erasure.generate import GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import concept_tokenizer, method_defaults, pipeline_state
 from erasure.presets import KINDS, load_preset, prompt_templates
@@ -749,7 +749,10 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                             placeholder="e.g. Pikachu, Garfield", elem_id="retain")
                         method = gr.Dropdown(sorted(erasure.METHODS), value=first_method, label="Method",
                                              elem_id="method")
-                        method_summary = gr.Markdown(elem_classes="method-summary", elem_id="method-summary")
+                        # Described at build time, not on page load: a load event answering after the user's
+                        # first choice put SPEED's summary under UCE.
+                        method_summary = gr.Markdown(studio.describe_method(first_method)[0],
+                                                     elem_classes="method-summary", elem_id="method-summary")
                         param_inputs, method_groups = {}, {}
                         with gr.Accordion("Advanced: method parameters (defaults = the paper's)", open=False):
                             for name in sorted(erasure.METHODS):
@@ -801,7 +804,8 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
                                                  elem_id="guidance", min_width=90)
                             size = gr.Number(defaults.height, label="Size (px)", info=f"8 to {limits.max_side}, ×8",
                                              step=64, elem_id="size", min_width=90)
-                            scheduler = gr.Dropdown(list(SCHEDULERS), value=defaults.scheduler, label="Scheduler",
+                            scheduler = gr.Dropdown(list(pipeline_state(studio.pipe).family.schedulers),
+                                                    value=defaults.scheduler, label="Scheduler",
                                                     info="denoising sampler", elem_id="scheduler", min_width=100)
                         with gr.Row(equal_height=True):
                             compared = gr.CheckboxGroup([], label="Edits to compare (columns beside the original)",
@@ -870,7 +874,7 @@ def build_demo(studio: Studio, gpu_concurrency: int = 1) -> gr.Blocks:
         gpu = dict(concurrency_id="gpu", concurrency_limit=gpu_concurrency)
         preset.change(studio.fill_from_preset, [preset], [targets, anchors, retain, kind, *param_components],
                       api_name="load_preset", queue=False)
-        gr.on([demo.load, method.change], studio.describe_method, [method], [method_summary, *method_groups.values()],
+        gr.on([method.change], studio.describe_method, [method], [method_summary, *method_groups.values()],
               api_name="describe_method", queue=False)
         gr.on([targets.change, retain.change, kind.change], studio.suggest_prompts, [kind, targets, retain],
               [erase_prompts, keep_prompts], api_name="suggest_prompts", queue=False)

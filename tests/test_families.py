@@ -177,14 +177,16 @@ def test_flux_refuses_an_edit_of_keys_or_values_alone_and_speed_defaults_to_both
     assert method_defaults(erasure.load_pipeline("tiny-sdxl", device="cpu"), "speed")["params"] == "V"
 
 
-def test_the_app_on_flux_offers_speed_with_the_defaults_flux_can_take():
+def test_the_app_on_flux_offers_the_defaults_and_samplers_flux_can_take():
     import app
     from erasure.scoring import load_clip_scorer
 
     pipe = erasure.load_pipeline("tiny-flux", device="cpu")
     demo = app.build_demo(app.Studio(pipe, load_clip_scorer("tiny")))
-    field = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "speed-params")
-    assert field.value == "KV"
+    fields = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert fields["speed-params"].value == "KV"
+    assert [choice[0] for choice in fields["scheduler"].choices] == ["flow-euler"]  # only samplers FLUX can use
+    assert "SPEED" in fields["method-summary"].value  # the default method, described when the page is built
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
