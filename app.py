@@ -4,6 +4,7 @@ original and each edit draw on the same seeds, with CLIP scores. A thin UI over 
     python app.py                  # CompVis/stable-diffusion-v1-4 on a GPU; without one, the toy world
     python app.py --model toy      # the toy world: a small model trained here on shapes, offline, on a CPU
     python app.py --model tiny     # random weights (tests): only the mechanics
+    python app.py --model stabilityai/stable-diffusion-xl-base-1.0   # SDXL (also SD-2.x, FLUX; tiny-sdxl offline)
 
 Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens (default 127.0.0.1:7860).
 """
@@ -966,8 +967,9 @@ def load_models(model: str | None, device: str | None) -> tuple:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help=f"hub id, local diffusers folder, single .safetensors/.ckpt file, 'toy' (the offline toy "
-                             f"world) or 'tiny' (random weights); default: {erasure.DEFAULT_MODEL} on a GPU, else toy")
+                        help=f"hub id or local diffusers folder (SD-1.x/2.x, SDXL, FLUX), single .safetensors/.ckpt file, "
+                             f"'toy' (the offline toy world) or a random-weight model ('tiny', 'tiny-sd2', "
+                             f"'tiny-sdxl', 'tiny-flux'); default: {erasure.DEFAULT_MODEL} on a GPU, else toy")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--max-images", type=int, default=Limits.max_images,
                         help="cap on prompts x seeds per generation (raise it on a private GPU machine)")

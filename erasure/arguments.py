@@ -13,8 +13,9 @@ from .text import split_concepts
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, single .safetensors/.ckpt file, 'toy' (the offline toy "
-                             "world) or 'tiny' (random weights)")
+                        help="hub id or local diffusers folder (SD-1.x/2.x, SDXL, FLUX), single .safetensors/.ckpt "
+                             "file, 'toy' (the offline toy world) or a random-weight model ('tiny', 'tiny-sd2', "
+                             "'tiny-sdxl', 'tiny-flux')")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
