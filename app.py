@@ -43,7 +43,7 @@ from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse
 from erasure.export import save_edited_weights, save_lora
 from erasure.generate import GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
-from erasure.pipeline import concept_tokenizer, method_defaults, pipeline_state
+from erasure.pipeline import concept_tokenizer, family_preset_params, method_defaults, pipeline_state
 from erasure.presets import KINDS, load_preset, prompt_templates
 from erasure.probes import (PROBE_TITLES, PROBES, Judge, check_probe_names, probe_sheet, recovery_table,
                             run_probes)
@@ -110,6 +110,10 @@ class Studio:
         self.files = Path(tempfile.mkdtemp(prefix="erasure-studio-", dir=get_upload_folder()))
         self.remove_files = weakref.finalize(self, shutil.rmtree, self.files, ignore_errors=True)
         self.defaults = default_settings(pipe)  # 3 steps on random-weight models
+        # The side cap never refuses the model's own size (1024 on SDXL and FLUX, above the default cap).
+        native_side = max(self.defaults.height, self.defaults.width)
+        if native_side > limits.max_side:
+            self.limits = dataclasses.replace(limits, max_side=native_side)
 
     # -- concepts ---------------------------------------------------------------------------------------
     def fill_from_preset(self, name: str):
@@ -118,8 +122,8 @@ class Studio:
             return [gr.skip()] * (4 + len(PARAM_KEYS))
         with user_errors():
             preset = load_preset(name)
-        params = [preset.method_params(method).get(param, self.param_defaults[method][param])
-                  for method, param, _ in PARAM_KEYS]
+        params = [family_preset_params(self.pipe, method, preset.method_params(method)).get(
+                      param, self.param_defaults[method][param]) for method, param, _ in PARAM_KEYS]
         return [", ".join(preset.targets), ", ".join(preset.anchors), "\n".join(preset.retain), preset.kind,
                 *params]
 
@@ -215,7 +219,7 @@ class Studio:
                     raise ValueError("a rank applies to LoRA exports only; leave it at 0 for edited weights")
                 path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-weights", ".safetensors")
                 return str(save_edited_weights(self.pipe, edit, path)), (
-                    f"**{latest['label']}**: {len(edit.modules())} edited weights by UNet name, for "
+                    f"**{latest['label']}**: {len(edit.modules())} edited weights by the denoiser's parameter names, for "
                     f"`unet.load_state_dict(load_file(path), strict=False)`.")
             path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-lora", ".safetensors")
             report = save_lora(self.pipe, edit, path, rank, EXPORTS[form])

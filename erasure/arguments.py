@@ -57,8 +57,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default pndm)")
 
 
-def concepts_and_params(args) -> tuple[list[str], list[str], list[str], dict]:
-    """Targets, anchors, retain and method parameters from a preset, overridden by explicit flags."""
+def concepts_and_params(args, pipe=None) -> tuple[list[str], list[str], list[str], dict]:
+    """Targets, anchors, retain and method parameters from a preset (with `pipe`: as its model family can take
+    them), overridden by explicit flags."""
     from .presets import load_preset
 
     targets, anchors, retain, params = [], [""], [], {}
@@ -66,6 +67,10 @@ def concepts_and_params(args) -> tuple[list[str], list[str], list[str], dict]:
         preset = load_preset(args.preset)
         targets, anchors, retain = list(preset.targets), list(preset.anchors), list(preset.retain)
         params = preset.method_params(args.method)
+        if pipe is not None:
+            from .pipeline import family_preset_params
+
+            params = family_preset_params(pipe, args.method, params)
     if args.targets is not None:
         targets = split_concepts(args.targets)
     if args.anchors is not None:

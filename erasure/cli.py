@@ -19,8 +19,9 @@ from .scoring import ScorerLoadError
 def cmd_erase(args) -> None:
     import erasure
 
-    targets, anchors, retain, params = concepts_and_params(args)
+    concepts_and_params(args)  # a bad preset or file fails before the model loads
     pipe = erasure.load_pipeline(args.model, device=args.device)
+    targets, anchors, retain, params = concepts_and_params(args, pipe)
     edit = erasure.erase(pipe, args.method, targets, anchors, retain, progress=True, **params)
     path = edit.save(args.out)
     stats = edit.stats
@@ -70,8 +71,8 @@ def cmd_export(args) -> None:
     import erasure
     from .export import export
 
-    pipe = erasure.load_pipeline(args.model, device=args.device)
     edit = erasure.Edit.load(args.edit)
+    pipe = erasure.load_pipeline(args.model or edit.model_id, device=args.device)
     result = export(pipe, edit, args.out, args.format, args.rank)
     if args.format.startswith("lora"):
         print(f"LoRA of rank {result['rank']} (exact rank {result['exact_rank']}) over {result['layers']} layers, "
@@ -103,11 +104,13 @@ def cmd_probe(args) -> None:
     from .presets import prompt_templates
     from tqdm.auto import tqdm
 
+    from .pipeline import pipeline_state
     from .probes import PROBES, Judge, probe_sheet, run_probes
 
     pipe = erasure.load_pipeline(args.model, device=args.device)
     edit = erasure.Edit.load(args.edit)
     erasure.check_applicable(pipe, edit)
+    pipeline_state(pipe).family.check_unet_method("the probes")  # before the judge's scorer loads
     kind = args.kind or ("toy-shape" if str(args.model) == "toy" else "object")
     prompts = args.prompt or [form.format(edit.targets[0]) for form in prompt_templates(kind)]
     names = list(PROBES) if "all" in args.probes else list(dict.fromkeys(args.probes))
@@ -201,11 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                           help="lora: PEFT keys (diffusers' load_lora_weights); lora-kohya: kohya keys; diffusers: a "
                                "pipeline folder with the edit baked in (from_pretrained); state-dict: the edited "
-                               "weights by UNet name; safetensors-delta: the edit file itself (factors)")
+                               "weights by the denoiser's parameter names; safetensors-delta: the edit file itself (factors)")
     exporter.add_argument("--rank", type=int, default=None,
                           help="LoRA rank (default: each layer's exact rank; lower ranks report their error)")
     exporter.add_argument("--out", required=True, help="a .safetensors file, or a new folder for 'diffusers'")
-    exporter.set_defaults(run=cmd_export)
+    exporter.set_defaults(run=cmd_export, model=None)  # default: the model the edit was made for
 
     bench = commands.add_parser("bench", help="time text encoding and solves on full-size SD-1.4 (random weights)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

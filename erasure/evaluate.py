@@ -79,7 +79,7 @@ def cmd_evaluate(args) -> None:
         if args.edit:
             Edit.load(args.edit).save(edit_path)
         else:
-            targets, anchors, retain, params = concepts_and_params(args)
+            targets, anchors, retain, params = concepts_and_params(args, pipe)
             erasure.erase(pipe, args.method, targets, anchors, retain, **params).save(edit_path)
     state.wait_for_everyone()
     edit = Edit.load(edit_path)

@@ -81,6 +81,13 @@ def method_defaults(pipe, method: str) -> dict:
     return {name: overrides.get(name, entry["default"]) for name, entry in spec.schema().items()}
 
 
+def family_preset_params(pipe, method: str, preset_params: dict) -> dict:
+    """A preset's parameters for `method` on this pipeline: presets hold the papers' SD settings, and where the
+    family cannot take one (SPEED's value-only edit on FLUX) the family's default replaces it. Values a user gives
+    explicitly are not passed through here: those that cannot apply are refused with a reason."""
+    return {**preset_params, **pipeline_state(pipe).family.param_defaults.get(method, {})}
+
+
 def edited_modules(state: PipelineState, suffixes) -> list[str]:
     """The text projections a method declaring module `suffixes` (e.g. ("attn2.to_k", "attn2.to_v")) rewrites on
     this family; a ValueError where the family cannot honour the request (FLUX: keys without values)."""

@@ -177,12 +177,28 @@ def test_flux_refuses_an_edit_of_keys_or_values_alone_and_speed_defaults_to_both
     assert method_defaults(erasure.load_pipeline("tiny-sdxl", device="cpu"), "speed")["params"] == "V"
 
 
+def test_a_preset_holding_speeds_value_only_setting_erases_on_flux_with_keys_and_values(tmp_path):
+    from erasure.cli import main
+
+    out = tmp_path / "edit.safetensors"  # the instance preset sets SPEED params = "V" (the paper's, for SD)
+    assert main(["erase", "--model", "tiny-flux", "--method", "speed", "--preset", "instance", "--targets", "Snoopy",
+                 "--out", str(out)]) == 0
+    assert Edit.load(out).params["params"] == "KV"
+    assert main(["erase", "--model", "tiny-flux", "--method", "speed", "--preset", "instance", "--targets", "Snoopy",
+                 "--params", "V", "--out", str(out)]) == 2  # asked for explicitly: refused, with its reason
+
+
 def test_the_app_on_flux_offers_the_defaults_and_samplers_flux_can_take():
     import app
+    from erasure.limits import Limits
     from erasure.scoring import load_clip_scorer
 
     pipe = erasure.load_pipeline("tiny-flux", device="cpu")
-    demo = app.build_demo(app.Studio(pipe, load_clip_scorer("tiny")))
+    studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_side=16))
+    assert studio.limits.max_side == default_settings(pipe).height  # the cap never refuses the model's own size
+    filled = dict(zip([f"{m}_{p}" for m, p, _ in app.PARAM_KEYS], studio.fill_from_preset("instance")[4:]))
+    assert filled["speed_params"] == "KV"
+    demo = app.build_demo(studio)
     fields = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert fields["speed-params"].value == "KV"
     assert [choice[0] for choice in fields["scheduler"].choices] == ["flow-euler"]  # only samplers FLUX can use
