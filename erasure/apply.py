@@ -35,7 +35,7 @@ def touched_parameters(state: PipelineState, edit: Edit) -> list[str]:
         weight_key = key if patch.kind == "tensor" else f"{module}.weight"
         if weight_key not in state.parameters:
             raise EditMismatchError(f"the edit changes {weight_key!r}, which is not a parameter of this pipeline's "
-                                    f"UNet; it was made for {edit.model_id!r}, not {state.model_id!r}")
+                                    f"denoiser; it was made for {edit.model_id!r}, not {state.model_id!r}")
         shape = tuple(state.parameters[weight_key].shape)
         value = tuple(patch.value.shape)
         if patch.kind == "low_rank" and (len(shape) != 2 or value[1] != shape[0] + shape[1]):

@@ -112,7 +112,8 @@ def layer_stats(state: PipelineState, edit: Edit, rows: ConceptRows | None = Non
     with state.lock:
         written = {name: value for name, value in effective_parameters(state, edit).items()
                    if name.endswith(".weight")}
-        base = {name: original_parameter(state, name) for name in written}
+        # copies, taken under the lock: the base tensors are the live parameters whenever no edit is applied
+        base = {name: original_parameter(state, name).double() for name in written}
     if rows is not None:
         targets, anchors, retain = torch.cat(rows.targets), torch.cat(rows.anchors), rows.retain
         if len(retain) > STATS_ROWS:

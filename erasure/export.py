@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .apply import applied, effective_parameters, touched_parameters
+from .apply import applied, check_applicable, effective_parameters, touched_parameters
 from .edit import Edit, module_of
 from .pipeline import original_parameter, pipeline_state
 
@@ -62,24 +62,27 @@ def lora_factors(pipe, edit: Edit, rank: int | None = None) -> LoraFactors:
     if rank is not None and rank < 1:
         raise ValueError(f"a LoRA needs rank >= 1, got {rank}")
     state = pipeline_state(pipe)
-    with state.lock:
+    with state.lock:  # base weights read consistently, also while another thread has an edit applied
+        check_applicable(pipe, edit)  # made for these base weights (the lock is re-entrant)
         names = touched_parameters(state, edit)
         biases = [n for n in names if not n.endswith(".weight")]
         if biases:
             raise ValueError(f"this {edit.method} edit changes {len(biases)} bias vector(s) (e.g. {biases[0]!r}), "
                              f"which a LoRA cannot hold; export it baked ('diffusers') or as a state dict instead")
         values = effective_parameters(state, edit)
-        base = {n: original_parameter(state, n) for n in names}
-    masked = {module_of(k) for k, p in edit.patches.items() if p.kind in ("output_mask", "input_mask")}
+        shapes = {n: original_parameter(state, n).shape for n in names}
+        masked = {module_of(k) for k, p in edit.patches.items() if p.kind in ("output_mask", "input_mask")}
+        dense = {n: values[n].double().cpu() - original_parameter(state, n).double().cpu() for n in names
+                 if not (f"{n.removesuffix('.weight')}.delta" in edit.patches
+                         and n.removesuffix(".weight") not in masked)}
     out = LoraFactors({}, {}, {})
     for name in names:
         module = name.removesuffix(".weight")
-        low_rank = edit.patches.get(f"{module}.delta")
-        if low_rank is not None and module not in masked:
-            up, down = (f.double() for f in low_rank.factors(base[name].shape[0]))
+        if name not in dense:  # exact factors
+            up, down = (f.double().cpu() for f in edit.patches[f"{module}.delta"].factors(shapes[name][0]))
             u, s, vh = _svd_of_product(up, down)
         else:
-            change = values[name].double().cpu() - base[name].double().cpu()
+            change = dense[name]
             if change.ndim != 2:
                 raise ValueError(f"{module!r} has a {change.ndim}-D weight; a LoRA holds changes of linear layers")
             u, s, vh = torch.linalg.svd(change, full_matrices=False)
@@ -146,13 +149,14 @@ def save_baked(pipe, edit: Edit, folder: str | Path) -> Path:
 
 
 def save_edited_weights(pipe, edit: Edit, path: str | Path) -> Path:
-    """The parameters `edit` writes, as they are written, keyed by the denoiser's state-dict names."""
+    """The parameters `edit` writes, as they are written, keyed by the denoiser's state-dict names (the UNet's, or
+    FLUX's transformer's)."""
     from safetensors.torch import save_file
 
     path = _checked_path(path, ".safetensors")
     state = pipeline_state(pipe)
     with state.lock:
-        touched_parameters(state, edit)  # a clear error for an edit of another model, before any work
+        check_applicable(pipe, edit)  # an edit of another model is refused, not written onto this one's weights
         values = effective_parameters(state, edit)
     save_file({n: v.detach().cpu().contiguous() for n, v in values.items()}, str(path))
     return path
@@ -171,8 +175,6 @@ def export(pipe, edit: Edit, out: str | Path, format: str, rank: int | None = No
         return {"path": str(save_baked(pipe, edit, out))}
     if format == "state-dict":
         return {"path": str(save_edited_weights(pipe, edit, out))}
-    from .apply import check_applicable
-
     check_applicable(pipe, edit)
     return {"path": str(edit.save(out))}
 

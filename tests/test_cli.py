@@ -35,7 +35,7 @@ def test_export_writes_each_format_from_an_edit_file(tmp_path, capsys):
     edit_path = tmp_path / "edit.safetensors"
     assert main(["erase", "--model", "tiny", "--method", "uce", "--targets", "cat, red car", "--retain", "dog",
                  "--out", str(edit_path)]) == 0
-    assert main(["export", "--model", "tiny", "--edit", str(edit_path), "--format", "lora", "--rank", "1",
+    assert main(["export", "--edit", str(edit_path), "--format", "lora", "--rank", "1",  # --model: the edit's own
                  "--out", str(tmp_path / "lora.safetensors")]) == 0
     printed = capsys.readouterr().out
     error = float(re.search(r"LoRA of rank 1 \(exact rank 2\) over 8 layers, relative error ([0-9.e-]+)",

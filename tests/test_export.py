@@ -153,3 +153,14 @@ def test_every_family_round_trips_its_edit_file_lora_and_baked_folder(tmp_path, 
     settings = default_settings(pipe, steps=2)
     rendered = generate_images(baked, ["a photo of a cat"], [0], settings)[0]
     assert rendered.tobytes() == generate_images(pipe, ["a photo of a cat"], [0], settings, edit)[0].tobytes()
+
+
+def test_exports_refuse_an_edit_made_for_other_base_weights(tmp_path, pipe, edits):
+    other = erasure.load_pipeline("tiny", device="cpu")
+    name = next(iter(edits["uce"].modules()))
+    with torch.no_grad():
+        pipeline_state(other).modules[name].weight.add_(1e-3)  # another model in a layer the edit changes
+    for write in (lambda: save_lora(other, edits["uce"], tmp_path / "lora.safetensors"),
+                  lambda: save_edited_weights(other, edits["uce"], tmp_path / "weights.safetensors")):
+        with pytest.raises(erasure.EditMismatchError, match="made for another base model"):
+            write()

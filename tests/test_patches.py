@@ -193,6 +193,8 @@ V = f"{BLOCK}.attn2.to_v"
     ({f"{V}.output_mask": ("tensor", torch.ones(64))}, "marked 'tensor' but a .output_mask key"),
     ({f"{V}.bias": ("tensor", torch.tensor([float("nan")] * 64))}, "NaN or infinite"),
     ({"conv_in.weight; rm -rf": ("tensor", torch.zeros(2))}, "not a parameter key"),
+    ({f"{V}.delta": ("low_rank", torch.zeros(320))}, r"low-rank patch .* must be 2-D \[rank, d_out \+ d_in\]"),
+    ({f"{V}.delta": ("tensor", torch.zeros(1, 320))}, "marked 'tensor' but a .delta key holds a 'low_rank' patch"),
 ])
 def test_bad_edit_files_are_refused_with_their_own_message(tmp_path, pipe, untouched, extra, message):
     edit = erasure.erase(pipe, "speed", ["Snoopy"], [""], ["Pikachu"])
@@ -202,7 +204,7 @@ def test_bad_edit_files_are_refused_with_their_own_message(tmp_path, pipe, untou
 
 @pytest.mark.parametrize("patch,message", [
     ((f"{BLOCK}.attn2.to_v.weight", Patch("tensor", torch.zeros(64, 255))), r"has shape \(64, 255\) but this"),
-    ((f"{BLOCK}.attn2.to_v.bias", Patch("tensor", torch.zeros(64))), "is not a parameter of this pipeline's UNet"),
+    ((f"{BLOCK}.attn2.to_v.bias", Patch("tensor", torch.zeros(64))), "is not a parameter of this pipeline's denoiser"),
     (("down_blocks.9.attentions.0.transformer_blocks.0.attn2.to_v.weight", Patch("tensor", torch.zeros(64, 256))),
      "'down_blocks.9.*', which is not a parameter"),
     ((f"{BLOCK}.attn2.to_v.output_mask", Patch("output_mask", torch.ones(63))), "has 63 factors but"),
@@ -218,3 +220,18 @@ def test_a_file_that_does_not_fit_this_model_is_refused_before_anything_is_writt
     with pytest.raises(erasure.EditMismatchError, match=message):
         with erasure.applied(pipe, loaded):
             pass
+
+
+def test_low_rank_patches_need_format_3_and_factors_as_wide_as_their_weight(tmp_path, pipe, untouched):
+    edit = erasure.erase(pipe, "speed", ["Snoopy"], [""], ["Pikachu"])
+    assert edit.metadata()["version"] == "3"
+    path = tmp_path / "v2.safetensors"
+    save_file({key: patch.value for key, patch in edit.patches.items()}, str(path),
+              metadata=edit.metadata() | {"version": "2"})
+    with pytest.raises(erasure.EditFileError, match="low-rank patch .* in an edit of format version 2"):
+        Edit.load(path)
+    with pytest.raises(erasure.EditMismatchError, match=r"factors of width 100, but .* has a 64x256 weight"):
+        edit_from_patches(pipe, "speed", {}, {f"{V}.delta": Patch("low_rank", torch.ones(1, 100))},
+                          Concepts(("x",), ("",), ()))
+    dense = erasure.erase(pipe, "scapre", ["Snoopy"], [""], [])
+    assert dense.metadata()["version"] == "2"  # nothing new in it: older readers still take it
