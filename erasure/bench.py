@@ -204,8 +204,11 @@ def run_memory_bench(model: str = "sd14-random", edits: int = 10, concepts: int 
 
     from .sessions import EditStore
 
-    pipe = load_pipeline(model, device=device)
     pool = list(load_preset("celebrity-100").targets)
+    if not 1 <= edits * concepts <= len(pool):
+        raise ValueError(f"--edits must be between 1 and {len(pool) // concepts} (the celebrity-100 preset has "
+                         f"{len(pool)} names for {concepts}-concept edits), got {edits}")
+    pipe = load_pipeline(model, device=device)
     batches = [pool[i * concepts:(i + 1) * concepts] for i in range(edits)]
     retain = list(load_preset("instance").retain)[:20]
     for targets in batches:  # encode every concept once: the text cache is not what is measured

@@ -93,11 +93,12 @@ def validate_concepts(targets: Sequence[str], anchors: Sequence[str], retain: Se
         warnings.warn(f"retain concepts {dropped} are also targets and were left out of the retain set")
     check_concept_counts(len(targets), len(retain_clean), max_targets=max_concepts, max_retain=MAX_RETAIN)
     texts = targets + anchors + retain_clean
+    special = len(tokenizer("").input_ids)  # BOS + EOS for CLIP, EOS alone for T5
     for concept, ids in zip(texts, tokenizer(texts, truncation=False).input_ids):
         n_tokens = len(ids)
         if n_tokens > tokenizer.model_max_length:
-            warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - 2} tokens; the text encoder keeps "
-                          f"{tokenizer.model_max_length - 2}, so it is truncated")
+            warnings.warn(f"concept {concept[:40]!r}... is {n_tokens - special} tokens; the text encoder keeps "
+                          f"{tokenizer.model_max_length - special}, so it is truncated")
     return Concepts(tuple(targets), tuple(anchors), tuple(retain_clean))
 
 

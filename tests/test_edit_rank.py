@@ -21,10 +21,10 @@ def numerical_rank(delta: torch.Tensor) -> int:
 
 
 def dense_reference(pipe, method, targets, anchors, retain) -> dict[str, torch.Tensor]:
-    """ΔW in float64 from the method's dense form (`uce` / `speed`: W + change, built independently of the
-    patches the edit stores)."""
+    """ΔW in float64 by another route than the stored factors: UCE's W·M − W (its d × d shared map, a different
+    solve of eq. 7); SPEED's dense form W + (W Eᵀ / N) Y, whose formula test_speed checks against the paper's."""
     from erasure.methods.speed import speed
-    from erasure.methods.uce import uce
+    from erasure.methods.uce import uce_shared_map
 
     spec = get_method(method)
     params = spec.parse_params({})
@@ -32,7 +32,10 @@ def dense_reference(pipe, method, targets, anchors, retain) -> dict[str, torch.T
     rows = spec.prepare(concepts, params, lambda texts, full: encode_texts(pipe, texts, full))
     state = pipeline_state(pipe)
     weights = {n: original_weight(state, n).double() for n in state.modules if n.endswith(spec.edits(params))}
-    new = {"uce": uce, "speed": speed}[method](weights, rows, params)
+    if method == "uce":
+        shared = uce_shared_map(rows, params)
+        return {n: w @ shared - w for n, w in weights.items()}
+    new = speed(weights, rows, params)
     return {n: new[n] - weights[n] for n in weights}
 
 

@@ -42,7 +42,8 @@ class SpeedParams:
 
 
 def invariant_rows(null: torch.Tensor, seed: int) -> torch.Tensor:
-    """K2ᵀ: [BOS row of ''; 3 k-means centres of its rows 1..76], shape [4, d]."""
+    """K2ᵀ: [BOS row of ''; 3 k-means centres of its rows 1..76], shape [4, d]. (On T5, which has no BOS, row 0
+    is the empty prompt's EOS: kept exactly as well, the rest clustered.)"""
     generator = torch.Generator().manual_seed(seed)
     return torch.cat([null[:1], kmeans_centres(null[1:], KMEANS_CLUSTERS, generator)])
 
