@@ -40,7 +40,7 @@ import erasure
 from erasure.apply import check_applicable
 from erasure.compare import (GROUPS, ORIGINAL, ComparisonPrompts, caption, parse_seeds, prompt_lines, run_comparison,
                              run_record, suggest_prompts, summary_rows)
-from erasure.export import save_edited_weights, save_lora
+from erasure.export import export
 from erasure.generate import GenerationCancelled, OriginalCache, Settings, default_settings
 from erasure.limits import MAX_TARGETS, Limits
 from erasure.pipeline import concept_tokenizer, family_preset_params, method_defaults, pipeline_state
@@ -66,7 +66,8 @@ CSS = Path(__file__).resolve().parent / "assets" / "app.css"
 FILE_LIFETIME_S = 3600  # downloads (edits, run records) are deleted after an hour
 # What the app exports beside the native edit file (a baked multi-GB pipeline folder is the CLI's:
 # `python -m erasure export --format diffusers`).
-EXPORTS = {"LoRA, diffusers/PEFT keys": "peft", "LoRA, kohya keys": "kohya", "Edited weights (state dict)": "weights"}
+EXPORTS = {"LoRA, diffusers/PEFT keys": "lora", "LoRA, kohya keys": "lora-kohya",
+           "Edited weights (state dict)": "state-dict"}  # label -> export.EXPORT_FORMATS
 
 
 def parse_rank(rank) -> int | None:
@@ -213,16 +214,11 @@ class Studio:
             if form not in EXPORTS:
                 raise ValueError(f"unknown export {form!r}; choose from {list(EXPORTS)}")
             edit = self.edits.get(latest["id"])
-            rank = parse_rank(rank)
-            if EXPORTS[form] == "weights":
-                if rank is not None:
-                    raise ValueError("a rank applies to LoRA exports only; leave it at 0 for edited weights")
-                path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-weights", ".safetensors")
-                return str(save_edited_weights(self.pipe, edit, path)), (
-                    f"**{latest['label']}**: {len(edit.modules())} edited weights by the denoiser's parameter names, for "
-                    f"`unet.load_state_dict(load_file(path), strict=False)`.")
-            path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-lora", ".safetensors")
-            report = save_lora(self.pipe, edit, path, rank, EXPORTS[form])
+            path = self._new_file(f"{edit.method}-{_slug(edit.targets)}-{EXPORTS[form]}", ".safetensors")
+            report = export(self.pipe, edit, path, EXPORTS[form], parse_rank(rank))
+        if EXPORTS[form] == "state-dict":
+            return str(path), (f"**{latest['label']}**: {len(edit.modules())} edited weights by the denoiser's "
+                               f"parameter names, for `unet.load_state_dict(load_file(path), strict=False)`.")
         exact = "exact" if report["rank"] >= report["exact_rank"] else f"exact rank {report['exact_rank']}"
         return str(path), (f"**{latest['label']}**: LoRA of rank {report['rank']} ({exact}) over {report['layers']} "
                            f"layers; relative error ‖ΔW − BA‖/‖ΔW‖ = {report['relative_error']:.3g}. Load it with "

@@ -69,17 +69,18 @@ def lora_factors(pipe, edit: Edit, rank: int | None = None) -> LoraFactors:
         if biases:
             raise ValueError(f"this {edit.method} edit changes {len(biases)} bias vector(s) (e.g. {biases[0]!r}), "
                              f"which a LoRA cannot hold; export it baked ('diffusers') or as a state dict instead")
-        values = effective_parameters(state, edit)
-        shapes = {n: original_parameter(state, n).shape for n in names}
+        # Stored factors are the change itself, unless a mask also scales that weight; the rest is taken whole.
         masked = {module_of(k) for k, p in edit.patches.items() if p.kind in ("output_mask", "input_mask")}
-        dense = {n: values[n].double().cpu() - original_parameter(state, n).double().cpu() for n in names
-                 if not (f"{n.removesuffix('.weight')}.delta" in edit.patches
-                         and n.removesuffix(".weight") not in masked)}
+        factored = {module_of(k) for k, p in edit.patches.items() if p.kind == "low_rank"} - masked
+        rows = {n: original_parameter(state, n).shape[0] for n in names}
+        whole = [n for n in names if n.removesuffix(".weight") not in factored]
+        values = effective_parameters(state, edit) if whole else {}
+        dense = {n: values[n].double().cpu() - original_parameter(state, n).double().cpu() for n in whole}
     out = LoraFactors({}, {}, {})
     for name in names:
         module = name.removesuffix(".weight")
         if name not in dense:  # exact factors
-            up, down = (f.double().cpu() for f in edit.patches[f"{module}.delta"].factors(shapes[name][0]))
+            up, down = (f.double().cpu() for f in edit.patches[f"{module}.delta"].factors(rows[name]))
             u, s, vh = _svd_of_product(up, down)
         else:
             change = dense[name]
@@ -129,13 +130,10 @@ def save_lora(pipe, edit: Edit, path: str | Path, rank: int | None = None, style
     factors = lora_factors(pipe, edit, rank)
     report = {**factors.report(), "style": style, "method": edit.method, "targets": edit.targets}
     metadata = {"format": "pt", "erasure_studio": json.dumps({k: v for k, v in report.items() if k != "per_layer"})}
-    save_file(lora_state_dict(factors, denoiser_prefix(pipe), style), str(path), metadata=metadata)
+    # LoRA keys start with the denoiser's component name: "unet", or "transformer" on FLUX
+    prefix = pipeline_state(pipe).family.denoiser_attr
+    save_file(lora_state_dict(factors, prefix, style), str(path), metadata=metadata)
     return report
-
-
-def denoiser_prefix(pipe) -> str:
-    """The component LoRA keys start with: "unet" for Stable Diffusion, "transformer" for DiT pipelines."""
-    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
 
 
 def save_baked(pipe, edit: Edit, folder: str | Path) -> Path:
@@ -168,7 +166,7 @@ def export(pipe, edit: Edit, out: str | Path, format: str, rank: int | None = No
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(EXPORT_FORMATS)}")
     if rank is not None and not format.startswith("lora"):
-        raise ValueError(f"rank applies to LoRA exports only, not {format!r}")
+        raise ValueError(f"a rank applies to LoRA exports only, not {format!r}")
     if format.startswith("lora"):
         return {"path": str(out), **save_lora(pipe, edit, out, rank, "kohya" if format == "lora-kohya" else "peft")}
     if format == "diffusers":
