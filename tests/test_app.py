@@ -1,7 +1,6 @@
 """The Gradio app through its API: a real server on 127.0.0.1 (in this process, on the shared tiny
 pipeline) driven by real gradio_client Clients. Images are 64 px with 2 denoising steps."""
 
-import gc
 import json
 import math
 import re
@@ -13,22 +12,21 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from gradio_client import Client, handle_file
+from conftest import assert_untouched
 from gradio.utils import get_upload_folder
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from safetensors.torch import save_file
 
 import app
 import erasure
-from erasure.apply import edited_weights
-from erasure.limits import Limits
-from erasure.generate import Settings, generate_images
-from erasure.pipeline import pipeline_state
-from erasure.probes import PROBE_TITLES, PROBES
-from erasure.scoring import load_clip_scorer
-
-from conftest import assert_untouched
+from erasure.engine.apply import edited_weights
+from erasure.engine.limits import Limits
+from erasure.evaluation.generate import Settings, generate_images
+from erasure.evaluation.probes import PROBE_TITLES, PROBES
+from erasure.evaluation.scoring import load_clip_scorer
+from erasure.studio.reports import axis_end
 
 SETTINGS = Settings(steps=2, guidance=7.5, height=64, width=64)
 CAPTION_NUMBERS = re.compile(r"CLIP to prompt (\d+\.\d) · to target (\d+\.\d)")
@@ -304,22 +302,6 @@ def test_uploaded_edit_joins_the_session_and_bad_uploads_are_refused(pipe, serve
         fresh.predict(handle_file(str(foreign.save(tmp_path / "foreign.safetensors"))), api_name="/upload_edit")
 
 
-def test_unloadable_model_falls_back_to_the_toy_world_with_a_plain_notice():
-    pipe, scorer, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
-    assert pipeline_state(pipe).model_id == "toy" and scorer.backbone.startswith("toy") and not scorer.is_random
-    assert notice.startswith("could not load model 'nobody/not-a-cached-model'")
-    assert "offline toy world instead" in notice
-
-
-def test_without_a_gpu_and_a_model_the_app_starts_on_the_toy_world_and_says_so():
-    pipe, scorer, notice = app.load_models(None, device="cpu")
-    assert pipeline_state(pipe).model_id == "toy" and scorer.backbone.startswith("toy")
-    assert notice.startswith("No GPU found, so the app started on the toy world")
-    studio = app.Studio(pipe, scorer, notice=notice)
-    assert "toy world" in studio.banner() and notice in studio.banner()
-    assert studio.defaults.height == 32 and studio.defaults.scheduler == "ddim"
-
-
 def test_a_session_that_disconnects_stops_its_generation_and_frees_its_edits_at_once(pipe, server, monkeypatch,
                                                                                       untouched):
     import httpx
@@ -445,13 +427,6 @@ def test_layer_table_names_each_module_shortly_and_fits_its_numbers(client):
     assert all(isinstance(v, float) and 0 < v < 1 and len(f"{v:g}") <= 7 for v in numbers), numbers  # 3 digits
 
 
-def test_short_layer_names_cover_mid_and_later_transformer_blocks_and_keep_other_paths_whole():
-    assert app.short_layer_name("mid_block.attentions.0.transformer_blocks.0.attn2.to_k") == "mid 0 · attn2.to_k"
-    assert (app.short_layer_name("up_blocks.2.attentions.1.transformer_blocks.3.attn1.to_q")
-            == "up 2.1 block 3 · attn1.to_q")  # SDXL stacks several transformer blocks per attention
-    assert app.short_layer_name("down_blocks.0.resnets.1.conv1") == "down_blocks.0.resnets.1.conv1"
-
-
 def test_empty_tables_show_their_column_names_and_cancel_starts_greyed_out(server):
     demo = app.build_demo(server[0])
     by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
@@ -471,7 +446,7 @@ def test_summary_plot_labels_are_short_and_its_axis_ends_on_a_round_number(clien
     assert [row[1] for row in plot["value"]["data"]] == ["original", "#1 UCE: Snoopy"] * 2  # the legend: in full
     top = plot["y_lim"][1]
     assert plot["y_lim"][0] == 0 and top >= max(row[2] for row in plot["value"]["data"])
-    assert top == app.axis_end(top) and app.axis_end(9.02) == 10 and app.axis_end(33.1) == 40
+    assert top == axis_end(top) and axis_end(9.02) == 10 and axis_end(33.1) == 40
 
 
 def test_an_edit_file_is_written_once_where_gradio_serves_it(server, client):
@@ -485,32 +460,6 @@ def test_an_edit_file_is_written_once_where_gradio_serves_it(server, client):
     copies = [p for p in Path(get_upload_folder()).rglob(f"speed-{concept}-*.safetensors")
               if p not in (staged[0], Path(edit_file))]
     assert copies == []
-
-
-def test_the_apps_file_folder_is_removed_with_the_studio(pipe):
-    studio = app.Studio(pipe, load_clip_scorer("tiny"))
-    folder = studio.files
-    (folder / "edit.safetensors").write_bytes(b"x")
-    assert studio.remove_files.atexit  # also at interpreter exit, if the studio is still alive then
-    del studio
-    gc.collect()
-    assert not folder.exists()
-
-
-def test_fallback_notice_keeps_the_loaders_reason_in_whole_words(monkeypatch):
-    import diffusers
-
-    reason = ("Cannot find an appropriate cached snapshot folder for the specified revision on the local disk and "
-              "outgoing traffic has been disabled. ") * 4  # 440 characters, longer than the notice keeps
-
-    def unreachable(*args, **kwargs):
-        raise OSError(reason)
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", unreachable)  # the loader's first hub read
-    _, _, notice = app.load_models("nobody/not-a-cached-model", device="cpu")
-    shown = notice[notice.index("(") + 1: notice.index(")")]
-    assert shown.endswith(" …") and reason.startswith(shown.removesuffix(" …"))
-    assert shown.removesuffix(" …").split()[-1] in reason.split()  # the cut falls between words
 
 
 ESD_FAST = {"esd-x_iterations": 6, "esd-x_trajectories": 2, "esd-x_sample_steps": 3, "esd-x_train_size": 32}

@@ -231,7 +231,7 @@ def test_user_erases_circle_and_sees_circles_only_in_the_original_column(app, pa
 
     # What the page shows, read by the toy world's judge: circles in the original column only, and the
     # kept shapes in both.
-    from erasure.toy import load_judge
+    from erasure.worlds.toy import load_judge
 
     judge = load_judge()
     for gallery, concept, erased in (("erase-gallery", "circle", True), ("keep-gallery", None, False)):
@@ -329,7 +329,7 @@ def test_fallback_banner_shows_the_loaders_reason_in_whole_words(monkeypatch, br
     import diffusers
 
     import app as studio_app
-    from erasure.limits import Limits
+    from erasure.engine.limits import Limits
 
     reason = "Cannot find an appropriate cached snapshot folder and outgoing traffic has been disabled. " * 5
 
@@ -429,7 +429,7 @@ def test_a_training_job_shows_progress_cancels_finishes_and_compares_while_anoth
 
 def test_user_probes_an_erased_circle_and_reads_the_recovery_table_and_sheet(app, page, shots):
     """The Probe tab on the toy world: every probe on a UCE edit of 'circle', the way a user runs them."""
-    from erasure.probes import PROBE_TITLES, PROBES
+    from erasure.evaluation.probes import PROBE_TITLES, PROBES
 
     choose(page, "preset", "toy-circle")
     page.wait_for_function("() => document.querySelector('#targets textarea').value === 'circle'")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import erasure
-from erasure.cli import main
-from erasure.probes import PROBES
+from erasure.cli.main import main
+from erasure.evaluation.probes import PROBES
 
 
 def test_erase_then_generate_grid(tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_bad_input_exits_with_one_sentence(tmp_path, capsys):
 
 
 def test_bench_prints_a_table_and_json(tmp_path, capsys):
-    from erasure.bench import run_bench
+    from erasure.cli.bench import run_bench
 
     results = run_bench(device="cpu", concept_counts=[1, 3], methods=["speed", "uce"], model="tiny", repeats=2,
                         json_path=str(tmp_path / "bench.json"))
@@ -99,7 +99,7 @@ def test_generate_refuses_a_grid_file_name_pillow_cannot_write_before_generating
 
 
 def test_every_flag_has_help_and_shared_parameters_show_each_methods_default():
-    from erasure.cli import build_parser
+    from erasure.cli.main import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     for name, command in commands.items():
@@ -120,7 +120,7 @@ def test_a_trained_method_shows_a_progress_bar_with_its_loss(tmp_path, capsys):
 
 
 def test_the_trained_bench_counts_each_runs_unet_passes_and_projects_from_their_flops(capsys):
-    from erasure.bench import ASSUMED_H100_TFLOPS, run_train_bench
+    from erasure.cli.bench import ASSUMED_H100_TFLOPS, run_train_bench
 
     rows = run_train_bench(device="cpu", model="tiny", size=32)
     out = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_probe_writes_a_json_report_and_an_image_sheet_on_the_toy_world(tmp_path
     assert main(["erase", "--model", "toy", "--method", "uce", "--preset", "toy-circle", "--out", str(edit_path)]) == 0
     out = tmp_path / "probes"
     assert main(["probe", "--model", "toy", "--edit", str(edit_path), "--probes", "all", "--seeds", "0",
-                 "--out", str(out)]) == 0
+                 "--protocol", "quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "probes.json").read_text())
     assert report["judge"] == "toy judge" and report["seeds"] == [0]

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import erasure
-from erasure.compare import (ORIGINAL, ComparisonPrompts, parse_seeds, run_comparison, suggest_prompts,
-                             summary_rows)
-from erasure.generate import OriginalCache, Settings
-from erasure.limits import Limits
-from erasure.scoring import load_clip_scorer
+from erasure.engine.limits import Limits
+from erasure.evaluation.compare import (ORIGINAL, ComparisonPrompts, parse_seeds,
+                                        run_comparison, suggest_prompts, summary_rows)
+from erasure.evaluation.generate import OriginalCache, Settings
+from erasure.evaluation.scoring import load_clip_scorer
 
 SETTINGS = Settings(steps=2, guidance=7.5, height=64, width=64)
 

@@ -8,8 +8,8 @@ import torch
 from conftest import render, snapshot
 
 import erasure
-from erasure.apply import edited_weights, touched_parameters
-from erasure.pipeline import pipeline_state
+from erasure.engine.apply import edited_weights, touched_parameters
+from erasure.engine.pipeline import pipeline_state
 
 
 @pytest.fixture(scope="module")

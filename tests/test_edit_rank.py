@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import edited_weights
-from erasure.bench import densified
-from erasure.methods import get_method
-from erasure.pipeline import original_weight, pipeline_state
-from erasure.text import encode_texts, validate_concepts
+from erasure.cli.bench import densified
+from erasure.engine.apply import edited_weights
+from erasure.engine.pipeline import original_weight, pipeline_state
+from erasure.engine.registry import get_method
+from erasure.engine.text import encode_texts, validate_concepts
 
 
 def numerical_rank(delta: torch.Tensor) -> int:

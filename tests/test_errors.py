@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import erasure
-from erasure.apply import edited_weights
+from erasure.engine.apply import edited_weights
 
 
 @pytest.mark.parametrize("kwargs,message", [

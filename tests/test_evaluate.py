@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import erasure
-from erasure.cli import main
-from erasure.pipeline import model_identity
-from erasure.generate import Settings, image_key
-from erasure.scoring import CONVENTION, NUDENET_CLASSES
+from erasure.cli.main import main
+from erasure.engine.pipeline import model_identity
+from erasure.evaluation.generate import Settings, image_key
+from erasure.evaluation.scoring import CONVENTION, NUDENET_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 # The command, with 3 denoising steps to keep CI short (numbers do not matter on random weights).
@@ -157,7 +157,7 @@ def test_clip_weights_that_cannot_load_end_with_one_sentence(tmp_path, capsys):
 
 def test_evaluate_on_the_random_model_defaults_to_3_steps_decodes_no_image_and_encodes_each_text_once(
         tmp_path, monkeypatch):
-    from erasure import scoring
+    from erasure.evaluation import scoring
 
     opened, encoded = [], []
     real_open, real_text_features = Image.open, scoring.ClipScorer.text_features
@@ -183,7 +183,7 @@ def test_evaluate_on_the_random_model_defaults_to_3_steps_decodes_no_image_and_e
 
 
 def test_charts_are_matplotlib_figures_with_round_ticks_and_whole_labels(tmp_path):
-    from erasure.evaluate import accuracy_chart, save_chart, score_chart
+    from erasure.evaluation.evaluate import accuracy_chart, save_chart, score_chart
 
     def interval(mean):
         return {"mean": mean, "ci_low": mean - 1.3, "ci_high": mean + 1.1, "n": 20, "level": 0.95}

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import edited_weights
-from erasure.compute import edit_from_patches
-from erasure.edit import Patch
-from erasure.export import export, lora_factors, save_baked, save_edited_weights, save_lora
-from erasure.generate import Settings, generate_images
-from erasure.pipeline import original_weight, pipeline_state
-from erasure.text import Concepts
+from erasure.engine.apply import edited_weights
+from erasure.engine.compute import edit_from_patches
+from erasure.engine.edit import Patch
+from erasure.engine.export import export, lora_factors, save_baked, save_edited_weights, save_lora
+from erasure.engine.pipeline import original_weight, pipeline_state
+from erasure.engine.text import Concepts
+from erasure.evaluation.generate import Settings, generate_images
 
 BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
 
@@ -132,7 +132,7 @@ def test_export_refuses_bad_requests(tmp_path, pipe, edits):
 
 @pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sdxl", "tiny-flux"])
 def test_every_family_round_trips_its_edit_file_lora_and_baked_folder(tmp_path, model):
-    from erasure.generate import default_settings
+    from erasure.evaluation.generate import default_settings
 
     pipe = erasure.load_pipeline(model, device="cpu")
     edit = erasure.erase(pipe, "uce", ["cat", "red car"], [""], ["dog"])

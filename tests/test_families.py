@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import applied
-from erasure.edit import Edit
-from erasure.families import SD_KEY_VALUE, model_family
-from erasure.generate import default_settings, generate_images, generate_pairs
-from erasure.methods import ConceptRows, concept_rows
+from erasure.engine.apply import applied
+from erasure.engine.edit import Edit
+from erasure.engine.families import SD_KEY_VALUE, model_family
+from erasure.engine.pipeline import concept_tokenizer, edited_modules, fingerprint, method_defaults, pipeline_state
+from erasure.engine.registry import ConceptRows, concept_rows
+from erasure.engine.text import encode_texts, validate_concepts
+from erasure.evaluation.generate import default_settings, generate_images, generate_pairs
 from erasure.methods.speed import SpeedParams, speed
-from erasure.pipeline import concept_tokenizer, edited_modules, fingerprint, method_defaults, pipeline_state
-from erasure.text import encode_texts, validate_concepts
 
 FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl", "tiny-flux": "flux"}
 NEW_FAMILIES = ["tiny-sd2", "tiny-sdxl", "tiny-flux"]  # "tiny" (SD-1.x) has its own test files
@@ -178,7 +178,7 @@ def test_flux_refuses_an_edit_of_keys_or_values_alone_and_speed_defaults_to_both
 
 
 def test_a_preset_holding_speeds_value_only_setting_erases_on_flux_with_keys_and_values(tmp_path):
-    from erasure.cli import main
+    from erasure.cli.main import main
 
     out = tmp_path / "edit.safetensors"  # the instance preset sets SPEED params = "V" (the paper's, for SD)
     assert main(["erase", "--model", "tiny-flux", "--method", "speed", "--preset", "instance", "--targets", "Snoopy",
@@ -190,8 +190,8 @@ def test_a_preset_holding_speeds_value_only_setting_erases_on_flux_with_keys_and
 
 def test_the_app_on_flux_offers_the_defaults_and_samplers_flux_can_take():
     import app
-    from erasure.limits import Limits
-    from erasure.scoring import load_clip_scorer
+    from erasure.engine.limits import Limits
+    from erasure.evaluation.scoring import load_clip_scorer
 
     pipe = erasure.load_pipeline("tiny-flux", device="cpu")
     studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_side=16))
@@ -215,7 +215,7 @@ def test_trained_methods_refuse_non_unet_families_by_name(model, method):
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
 def test_probes_refuse_non_unet_families_by_name(model):
-    from erasure.probes import run_probes
+    from erasure.evaluation.probes import run_probes
 
     pipe = erasure.load_pipeline(model, device="cpu")
     edit = erasure.erase(pipe, "uce", targets=["Snoopy"])

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import erasure
-from erasure.edit import Edit
-from erasure.generate import (GenerationCancelled, OriginalCache, Settings, comparison_grid, generate_images,
-                              originals)
-from erasure.methods import ConceptRows, concept_rows
+from erasure.engine.edit import Edit
+from erasure.engine.pipeline import fingerprint, pipeline_state
+from erasure.engine.registry import ConceptRows, concept_rows
+from erasure.engine.text import encode_texts, validate_concepts
+from erasure.evaluation.generate import (GenerationCancelled, OriginalCache, Settings,
+                                         comparison_grid, generate_images, originals)
 from erasure.methods.speed import SpeedParams, speed
-from erasure.pipeline import fingerprint, pipeline_state
-from erasure.text import encode_texts, validate_concepts
 
 SETTINGS = Settings(steps=3, guidance=7.5, height=64, width=64)
 KEPT_PROMPT = "a photo of a cat on a sofa"
@@ -93,7 +93,7 @@ def test_cancel_stops_generation_and_restores_weights(pipe, untouched):
     steps = []
     with pytest.raises(GenerationCancelled):
         generate_images(pipe, ["a", "b", "c", "d", "e"], [0], SETTINGS, edit,
-                        on_step=lambda done, total: steps.append(done), should_stop=lambda: len(steps) >= 2)
+                        on_step=lambda step: steps.append(step.done), should_stop=lambda: len(steps) >= 2)
     assert len(steps) < 5 * SETTINGS.steps
 
 
@@ -102,7 +102,7 @@ def test_progress_counts_every_image_of_a_batched_step_and_ends_at_the_total(pip
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(1))
     try:
         generate_images(pipe, ["a", "b", "c", "d", "e"], [0], SETTINGS,  # batches of 4 and 1
-                        on_step=lambda done, total: reports.append((done, total)))
+                        on_step=lambda step: reports.append((step.done, step.total)))
     finally:
         hook.remove()
     iterations = len(unet_calls) // 2  # per batch (PNDM runs steps + 1)

@@ -2,9 +2,9 @@
 
 import torch
 
-from erasure.lru import LRU, tensor_bytes
-from erasure.pipeline import TEXT_CACHE_BYTES, pipeline_state
-from erasure.text import encode_texts
+from erasure.engine.lru import LRU, tensor_bytes
+from erasure.engine.pipeline import TEXT_CACHE_BYTES, pipeline_state
+from erasure.engine.text import encode_texts
 
 
 def test_lru_evicts_least_recently_used_entries_past_its_byte_cap():

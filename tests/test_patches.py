@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import erasure
-from erasure.apply import edited_weights, restore, touched_parameters, write_edit
-from erasure.compute import edit_from_patches
-from erasure.edit import Edit, Patch
-from erasure.generate import Settings, generate_images
-from erasure.pipeline import fingerprint, pipeline_state
-from erasure.text import Concepts
+from erasure.engine.apply import edited_weights, restore, touched_parameters, write_edit
+from erasure.engine.compute import edit_from_patches
+from erasure.engine.edit import Edit, Patch
+from erasure.engine.pipeline import fingerprint, pipeline_state
+from erasure.engine.text import Concepts
+from erasure.evaluation.generate import Settings, generate_images
 
 BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
 FF_IN, FF_OUT = f"{BLOCK}.ff.net.0.proj", f"{BLOCK}.ff.net.2"  # 64 -> 512 (GEGLU), 256 -> 64; both with bias

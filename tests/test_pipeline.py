@@ -4,7 +4,7 @@ identifies the model by what was asked for."""
 import torch
 
 import erasure
-from erasure.pipeline import pipeline_state
+from erasure.engine.pipeline import pipeline_state
 
 
 def test_local_diffusers_folder_loads_and_accepts_edits_made_on_the_original(pipe, tmp_path):

@@ -8,10 +8,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import erasure
-from erasure import probes
-from erasure.edit import Edit, Patch
-from erasure.generate import Settings, generate_images
-from erasure.pipeline import original_parameter, pipeline_state
+from erasure.engine.edit import Edit, Patch
+from erasure.engine.pipeline import original_parameter, pipeline_state
+from erasure.evaluation import probes
+from erasure.evaluation.generate import Settings, generate_images
 
 SETTINGS = Settings(steps=3, guidance=7.5, height=64, width=64, scheduler="ddim")
 
@@ -83,9 +83,9 @@ def test_on_the_toy_world_diffusion_completion_brings_back_circles_a_uce_edit_er
     """The paper's central finding, counted by the toy world's judge: after UCE erases "circle", letting the
     original model take the first 5 of 20 DDIM steps recovers the circle far more often than the standard
     prompt does (measured: 25% -> 62% of 32 images; 4 templates x seeds 0-7)."""
-    from erasure.generate import default_settings
-    from erasure.presets import load_preset, prompt_templates
-    from erasure.toy import load_judge
+    from erasure.engine.presets import load_preset, prompt_templates
+    from erasure.evaluation.generate import default_settings
+    from erasure.worlds.toy import load_judge
 
     toy = erasure.load_pipeline("toy", device="cpu")
     preset = load_preset("toy-circle")
@@ -116,8 +116,8 @@ def test_inpainting_repaints_only_the_masked_square_and_keeps_the_context_outsid
 
 
 def test_the_classifier_guided_sampler_is_plain_ddim_at_scale_zero_and_follows_the_gradient_otherwise(pipe, untouched):
-    from erasure.probes.guidance import ClassifierGuidedDDIMScheduler, LatentClassifier, guided_image
-    from erasure.probes.noisy import NoisyDDIMScheduler
+    from erasure.evaluation.probes.guidance import ClassifierGuidedDDIMScheduler, LatentClassifier, guided_image
+    from erasure.evaluation.probes.noisy import NoisyDDIMScheduler
 
     torch.manual_seed(0)
     classifier = LatentClassifier((4, 32, 32)).eval().requires_grad_(False)
@@ -145,9 +145,9 @@ def test_the_latent_classifier_tells_the_target_from_its_neighbours_on_held_out_
     """Trained on the original toy model's latents of "circle" prompts against the same prompts with each other
     shape: ≥ 90% right on 64 held-out clean latents (measured 97%); it leaves the global random stream as it
     found it, and a second request with the same inputs is served from the cache."""
-    from erasure.generate import default_settings
-    from erasure.presets import load_preset, prompt_templates
-    from erasure.probes.guidance import latent_classifier
+    from erasure.engine.presets import load_preset, prompt_templates
+    from erasure.evaluation.generate import default_settings
+    from erasure.evaluation.probes.guidance import latent_classifier
 
     toy = erasure.load_pipeline("toy", device="cpu")
     preset = load_preset("toy-circle")
@@ -162,8 +162,8 @@ def test_the_latent_classifier_tells_the_target_from_its_neighbours_on_held_out_
 
 
 def test_the_probe_text_encoding_equals_the_pipelines_and_replaces_only_the_chosen_rows(pipe):
-    from erasure.probes.inversion import encode_rows, token_ids
-    from erasure.text import encode_texts
+    from erasure.engine.text import encode_texts
+    from erasure.evaluation.probes.inversion import encode_rows, token_ids
 
     texts = ["a photo of a sks", "a cat"]
     ids = token_ids(pipe, texts)
@@ -182,7 +182,7 @@ def test_the_probe_text_encoding_equals_the_pipelines_and_replaces_only_the_chos
 
 
 def test_quick_textual_inversion_lowers_the_edited_models_loss_without_writing_anything(pipe, edit, untouched):
-    from erasure.probes.inversion import quick_textual_inversion
+    from erasure.evaluation.probes.inversion import quick_textual_inversion
 
     grads_before = [p.grad for p in pipe.text_encoder.parameters()]
     inversion = quick_textual_inversion(pipe, edit, "cat", ["a photo of a cat", "a cat"], SETTINGS, steps=30,
@@ -194,7 +194,7 @@ def test_quick_textual_inversion_lowers_the_edited_models_loss_without_writing_a
 
 
 def test_the_adversarial_search_never_raises_its_loss_and_spends_exactly_its_budget(pipe, edit, untouched):
-    from erasure.probes.inversion import adversarial_search, token_ids
+    from erasure.evaluation.probes.inversion import adversarial_search, token_ids
 
     attack = adversarial_search(pipe, edit, "a photo of a cat", SETTINGS, tokens=3, iterations=6, candidates=4,
                                 images=2)
@@ -206,8 +206,8 @@ def test_the_adversarial_search_never_raises_its_loss_and_spends_exactly_its_bud
 
 
 def test_interference_scores_the_nearest_concepts_on_both_models(pipe, edit, untouched):
-    from erasure.probes import interference as probe
-    from erasure.scoring import load_clip_scorer
+    from erasure.evaluation.probes import interference as probe
+    from erasure.evaluation.scoring import load_clip_scorer
 
     judge = probes.Judge(pipe, edit, "object", scorer=load_clip_scorer("tiny"))
     report, rendered = probe.interference(pipe, edit, ["a photo of a cat"], [0], SETTINGS, judge,
@@ -225,13 +225,42 @@ def test_interference_scores_the_nearest_concepts_on_both_models(pipe, edit, unt
 def test_a_probe_run_stops_inside_a_probe_when_asked_and_leaves_the_pipeline_as_it_was(pipe, edit, untouched):
     """Cancel is polled per image inside a probe, not only between probes (on a real model one probe takes
     minutes); messages say where the run is."""
-    from erasure.scoring import load_clip_scorer
-    from erasure.training import TrainingCancelled
+    from erasure.engine.training import TrainingCancelled
+    from erasure.evaluation.scoring import load_clip_scorer
 
     messages = []
     judge = probes.Judge(pipe, edit, "object", scorer=load_clip_scorer("tiny"))
     with pytest.raises(TrainingCancelled):
         probes.run_probes(pipe, edit, ["standard", "noise"], ["a photo of a cat"], [0, 1], SETTINGS, judge,
-                          on_step=lambda done, total, message: messages.append((done, total, message)),
-                          should_stop=lambda: len(messages) >= 5)
+                          on_step=lambda step: messages.append((step.done, step.total, step.message)),
+                          should_stop=lambda: len(messages) >= 5, protocol="quick")
     assert messages[-1] == (1, 2, "noise-based image 2 of 12"), messages
+
+
+def test_a_searching_probe_never_reads_another_sessions_edit_while_it_is_written_in(pipe, edit, untouched):
+    """Textual inversion and the adversarial search build their edit's weights from the base weights; another
+    thread writing its own edit in and out meanwhile must never show through (500 computations; without the lock
+    about 1 in 200 read the other edit)."""
+    import threading
+
+    from erasure.engine.apply import restore, write_edit
+    from erasure.evaluation.probes.inversion import edit_overrides
+
+    other = erasure.erase(pipe, "uce", ["Snoopy"], [""], ["Mickey"])  # the same layers as `edit`
+    expected = edit_overrides(pipe, edit)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            restore(pipe, write_edit(pipe, other))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        computed = [edit_overrides(pipe, edit) for _ in range(500)]
+    finally:
+        stop.set()
+        thread.join()
+    differing = sum(any(not torch.equal(value, expected[name]) for name, value in overrides.items())
+                    for overrides in computed)
+    assert differing == 0

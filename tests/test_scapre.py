@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import edited_weights
-from erasure.cli import main
-from erasure.methods import ConceptRows, get_method
-from erasure.methods.scapre import (EPS, ScaPreParams, ScaPreScaleParams, histc_counts, layer_noise, mi_soft_mask,
-                                    scapre, scapre_scale)
-from erasure.pipeline import pipeline_state
-from erasure.text import encode_texts, validate_concepts
+from erasure.cli.main import main
+from erasure.engine.apply import edited_weights
+from erasure.engine.pipeline import pipeline_state
+from erasure.engine.registry import ConceptRows, get_method
+from erasure.engine.text import encode_texts, validate_concepts
+from erasure.methods.scapre import (EPS, ScaPreParams, ScaPreScaleParams, histc_counts,
+                                    layer_noise, mi_soft_mask, scapre, scapre_scale)
 
 TARGETS = ["Snoopy", "Mickey Mouse", "SpongeBob"]
 
@@ -341,8 +341,8 @@ def test_cli_erase_with_scapre_scale(tmp_path, capsys):
 
 def test_app_offers_both_methods_and_passes_their_parameters(pipe, untouched):
     import app
-    from erasure.limits import Limits
-    from erasure.scoring import load_clip_scorer
+    from erasure.engine.limits import Limits
+    from erasure.evaluation.scoring import load_clip_scorer
 
     assert {"scapre", "scapre-scale"} <= {method for method, _, _ in app.PARAM_KEYS}  # one Advanced field each
     studio = app.Studio(pipe, load_clip_scorer("tiny"), Limits(max_images=8))

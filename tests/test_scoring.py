@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from erasure.generate import Settings, generate_images
-from erasure.scoring import (CONVENTION, NUDENET_CLASSES, NUDENET_THRESHOLD, ClipScores, bootstrap_mean,
-                             distribution_distance, load_clip_scorer, load_nudity_detector, own_class_rate,
-                             paired_change, same_seed_win_rate, summarize_scores, zero_shot_predictions)
+from erasure.evaluation.generate import Settings, generate_images
+from erasure.evaluation.scoring import (CONVENTION, NUDENET_CLASSES, NUDENET_THRESHOLD, ClipScores, bootstrap_mean,
+                                        distribution_distance, load_clip_scorer, load_nudity_detector, own_class_rate,
+                                        paired_change, same_seed_win_rate, summarize_scores, zero_shot_predictions)
 
 CONCEPTS = ["Snoopy", "Mickey", "a red car", "a bowl of fruit", "Van Gogh"]
 TEMPLATES = ["a photo of {}", "a drawing of {}", "a painting of {}"]

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import edited_weights
-from erasure.lru import LRU
-from erasure.methods import ConceptRows, concept_rows
+from erasure.engine.apply import edited_weights
+from erasure.engine.lru import LRU
+from erasure.engine.pipeline import pipeline_state
+from erasure.engine.registry import ConceptRows, concept_rows
+from erasure.engine.text import encode_texts, validate_concepts
 from erasure.methods.speed import SpeedParams, invariant_rows, speed
-from erasure.pipeline import pipeline_state
-from erasure.text import encode_texts, validate_concepts
 
 TARGETS = ["Snoopy", "Mickey", "SpongeBob"]
 
@@ -133,7 +133,7 @@ def test_speed_edits_only_selected_projections(pipe):
 
 def test_speed_nudity_uses_all_tokens_and_null_retain(pipe):
     concepts = validate_concepts(["nudity"], [""], [""], pipe.tokenizer, 10)
-    from erasure.methods import get_method
+    from erasure.engine.registry import get_method
     rows = get_method("speed").prepare(concepts, SpeedParams(), lambda t, f: encode_texts(pipe, t, f))
     assert rows.targets[0].shape[0] == 76 and rows.retain.shape[0] == 76
     assert torch.equal(rows.retain, rows.null[1:])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import erasure
-from erasure.pipeline import pipeline_state
-from erasure.text import encode_texts, split_concepts
+from erasure.engine.pipeline import pipeline_state
+from erasure.engine.text import encode_texts, split_concepts
 
 PROMPTS = ["a photo of Snoopy", "Van Gogh's Starry Night", "R2-D2  and\tC-3PO", "café — naïve 🙂", ""]
 
@@ -90,8 +90,8 @@ def test_content_rows_start_after_a_start_token_only_where_the_tokenizer_has_one
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from erasure.text import content_start
-    from erasure.tiny import clip_tokenizer
+    from erasure.engine.text import content_start
+    from erasure.worlds.tiny import clip_tokenizer
 
     words = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "cat": 3}, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -1,4 +1,4 @@
-"""The toy world on its shipped weights (erasure/toy/weights): the model draws its world, its judge and
+"""The toy world on its shipped weights (erasure/worlds/toy/weights): the model draws its world, its judge and
 CLIP know it, and every method in the registry erases "circle" while the other shapes stay.
 
 Sizes (all seeded, CPU, 10 DDIM steps, guidance 5): drawing quality over 8 shapes × 6 colours × 2 seeds =
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import erasure
-from erasure.generate import OriginalCache, default_settings
-from erasure.methods import METHODS
-from erasure.presets import load_preset
-from erasure.toy import load_judge, models
-from erasure.toy.measure import concept_rates, drawing_quality
-from erasure.toy.world import COLOURS, SHAPES, render, sample_scene, scenes
+from erasure.engine.presets import load_preset
+from erasure.engine.registry import METHODS
+from erasure.evaluation.generate import OriginalCache, default_settings
+from erasure.worlds.toy import load_judge, models
+from erasure.worlds.toy.measure import concept_rates, drawing_quality
+from erasure.worlds.toy.world import COLOURS, SHAPES, render, sample_scene, scenes
 
 KEPT_SEEDS, ERASED_SEEDS = range(8), range(24)
 STEPS = 10  # DDIM steps: half the app's default, as well drawn (circle prompts 94% vs 97% at 20), twice as fast
@@ -54,7 +54,7 @@ def test_the_model_draws_its_world(toy):
     assert quality.shape_rate >= 0.9 and quality.colour_rate >= 0.9, quality
 
 
-# Findings, reported rather than hidden (`python -m erasure.toy.report`, README):
+# Findings, reported rather than hidden (`python -m erasure.worlds.toy.report`, README):
 # - At its reference defaults `scapre` shrinks the target's keys and values (the MI mask scales only the guided
 #   values) instead of moving them onto the anchor's, and the toy model still draws the circle (97% -> 95%);
 #   `scapre-scale` removes it (98% -> 9%) but wrecks the other shapes (heart -94 points).
@@ -93,7 +93,7 @@ def untouched_toy(toy):
 
 
 def test_the_toy_clip_tells_shapes_and_colours_apart_zero_shot():
-    from erasure.scoring import load_clip_scorer, zero_shot_predictions
+    from erasure.evaluation.scoring import load_clip_scorer, zero_shot_predictions
 
     scorer = load_clip_scorer("toy", device="cpu")
     assert not scorer.is_random
@@ -109,7 +109,7 @@ def test_the_toy_clip_tells_shapes_and_colours_apart_zero_shot():
 
 
 def test_the_seeded_token_table_is_checked_against_the_stored_rows(monkeypatch):
-    from erasure.toy import toy_pipeline
+    from erasure.worlds.toy import toy_pipeline
 
     monkeypatch.setattr(models, "TOKEN_SEED", models.TOKEN_SEED + 1)
     monkeypatch.setattr(models.seeded_token_table, "__defaults__", (models.TOKEN_SEED,))
@@ -118,8 +118,8 @@ def test_the_seeded_token_table_is_checked_against_the_stored_rows(monkeypatch):
 
 
 def test_toy_presets_show_only_on_the_toy_world_and_name_what_the_judge_knows():
-    from erasure.toy import Verdict
-    from erasure.toy.world import vocabulary
+    from erasure.worlds.toy import Verdict
+    from erasure.worlds.toy.world import vocabulary
 
     toy = erasure.presets("toy")
     assert toy == ["toy-circle", "toy-colour", "toy-style", "toy-ten", "toy-three-shapes"]

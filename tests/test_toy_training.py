@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from erasure.toy import load_judge, toy_pipeline
-from erasure.toy.train import main
+from erasure.worlds.toy import load_judge, toy_pipeline
+from erasure.worlds.toy.train import main
 
 
 def test_quick_training_lowers_every_loss_and_writes_loadable_weights(tmp_path):

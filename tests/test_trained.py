@@ -12,17 +12,16 @@ import weakref
 
 import pytest
 import torch
+from conftest import assert_untouched
 
 import erasure
-from erasure.apply import applied
-from erasure.edit import Edit, module_of
-from erasure.generate import Settings, generate_images
-from erasure.methods import get_method
+from erasure.engine import training
+from erasure.engine.apply import applied
+from erasure.engine.edit import Edit, module_of
+from erasure.engine.registry import get_method
+from erasure.engine.training import TrainingCancelled, TrainingJob
+from erasure.evaluation.generate import Settings, generate_images
 from erasure.methods.esd import ESDParams, sample_scores, score_loss
-from erasure import training
-from erasure.training import TrainingCancelled, TrainingJob
-
-from conftest import assert_untouched
 
 # 32-px samples (16x16 latents): the tiny model's self-attention at its native 64 px costs 16x more.
 ESD_FAST = dict(iterations=40, lr=5e-4, trajectories=4, sample_steps=6, batch=8, train_size=32)
@@ -151,7 +150,7 @@ def test_a_cancelled_job_stops_and_leaves_nothing_behind(pipe, untouched, monkey
     monkeypatch.setattr(training, "private_copy", tracked_copy)
     steps = []
     with pytest.raises(TrainingCancelled):
-        erasure.erase(pipe, "esd-x", ["cat"], [""], **ESD_FAST, on_step=lambda done, total, loss: steps.append(done),
+        erasure.erase(pipe, "esd-x", ["cat"], [""], **ESD_FAST, on_step=lambda step: steps.append(step.done),
                       should_stop=lambda: len(steps) >= 3)
     assert steps == [1, 2, 3]
     gc.collect()
@@ -163,8 +162,8 @@ def test_another_thread_generates_while_a_job_trains(pipe, untouched):
     job, this would time out."""
     generated, paused = threading.Event(), threading.Event()
 
-    def on_step(done, total, loss):
-        if done == 2:
+    def on_step(step):
+        if step.done == 2:
             paused.set()
             assert generated.wait(60), "generation did not finish while the job was training"
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import erasure
-from erasure.apply import edited_weights
-from erasure.methods import concept_rows, get_method
+from erasure.engine.apply import edited_weights
+from erasure.engine.pipeline import pipeline_state
+from erasure.engine.registry import concept_rows, get_method
+from erasure.engine.text import encode_texts, validate_concepts
 from erasure.methods.uce import UCEParams, uce
-from erasure.pipeline import pipeline_state
-from erasure.text import encode_texts, validate_concepts
 
 TARGETS = ["Snoopy", "Mickey", "SpongeBob"]
 RETAIN = ["Pikachu", "Garfield", "Popeye", "Hello Kitty", "teddy bear", "Winnie the Pooh", "Mario", "Batman"]

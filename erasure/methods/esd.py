@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, param, register, train_size_param
+from erasure.engine.edit import Patch
+from erasure.engine.registry import Method, param, register, train_size_param
 
 SEED_BASE = 20_000  # trajectory noise seeds start here: never the app's or the tests' seeds 0, 1, 2, ...
 FULL = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -88,8 +89,6 @@ def score_loss(job, cache: ScoreCache, index: torch.Tensor, overrides) -> torch.
 
 
 def train_esd(job, concepts, params: ESDParams, modules=FULL):
-    from ..edit import Patch  # edit.py reads the registry: import on use
-
     cache = sample_scores(job, concepts.targets, concepts.anchors, params)
     names = trainable_names(job, modules)
     masters = {name: job.base(name).float().clone().requires_grad_(True) for name in names}

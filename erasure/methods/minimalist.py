@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..presets import KINDS, prompt_templates
-from . import Method, param, register, train_size_param
+from erasure.engine.edit import Patch
+from erasure.engine.presets import KINDS, prompt_templates
+from erasure.engine.registry import Method, param, register, train_size_param
 
 TEMPERATURE = 2 / 3
 NOISE_EPS = 0.5  # u + 0.5 and 1.5 - u: logistic noise in about ±1.1 (the reference's masking_eps)
@@ -140,8 +141,6 @@ def sample_losses(job, samples: Samples, masks: dict[str, torch.Tensor], steps: 
 
 
 def train_minimalist(job, concepts, params: MinimalistParams):
-    from ..edit import Patch  # edit.py reads the registry: import on use
-
     samples = build_samples(job, concepts, params)
     names = unit_names(job, params.units)
     logits = {name: torch.full((unit_count(job, name),), float(params.init), device=job.device, requires_grad=True)

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ConceptRows, Method, param, register
+from erasure.engine.registry import ConceptRows, Method, param, register
 
 EPS = 1e-8  # the reference's eps: MI counts, z-score, min-max normalisation, norms, Π_C, spectral gates
 MI_SAMPLES = 5  # positives (and as many negatives) per concept and row

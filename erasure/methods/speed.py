@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lru import LRU
-from . import ConceptRows, LowRankDelta, Method, concept_rows, param, register
+from erasure.engine.lru import LRU
+from erasure.engine.registry import ConceptRows, LowRankDelta, Method, concept_rows, param, register
 
 LEAST_GAIN_CACHE: LRU[torch.Tensor] = LRU(max_items=512)  # a few KiB each: 16-32 per loaded model
 CHUNK = 128  # the reference's chunk: DPA's filter mean is taken per chunk of the shuffled retain rows

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ConceptRows, LowRankDelta, Method, concept_rows, param, register
+from erasure.engine.registry import ConceptRows, LowRankDelta, Method, concept_rows, param, register
 
 
 @dataclass(frozen=True)
