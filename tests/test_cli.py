@@ -127,7 +127,8 @@ def test_the_trained_bench_counts_each_runs_unet_passes_and_projects_from_their_
     assert "| frozen forward |" in out and "| masked forward+backward |" in out
     esd, minimalist = rows
     assert esd["rows"] == {"frozen forward": 8 * 25 * 3, "ESD-x forward+backward": 200 * 4}
-    assert minimalist["rows"]["masked forward+backward"] == 60 * 2 * 4 * 2
+    # Minimalist at the reference's defaults: 80 steps × 4 samples × K = 4 trajectory steps × 2 (guidance)
+    assert minimalist["rows"]["masked forward+backward"] == 80 * 4 * 4 * 2
     for row in rows:
         assert row["tflop"] > 0 and row["projected_h100_s"] == pytest.approx(row["tflop"] / ASSUMED_H100_TFLOPS)
 

@@ -152,10 +152,10 @@ def run_train_bench(device: str | None = None, model: str = "sd14-random", size:
             "frozen forward": targets * esd.trajectories * esd.sample_steps * 3,
             "ESD-x forward+backward": esd.iterations * esd.batch},
         f"minimalist (defaults, {targets} target + {retain} retain)": {
-            # goal trajectories; per step K no-grad guided steps of 2 samples, then K recomputed with grad;
+            # goal trajectories; per step K no-grad guided steps of each sample, then K recomputed with grad;
             # the final losses with all units on and with the binary masks
-            "frozen forward": samples * k * 2 + mini.iterations * 2 * k * 2 + 2 * samples * k * 2,
-            "masked forward+backward": mini.iterations * 2 * k * 2},
+            "frozen forward": samples * k * 2 + mini.iterations * mini.samples_per_step * k * 2 + 2 * samples * k * 2,
+            "masked forward+backward": mini.iterations * mini.samples_per_step * k * 2},
     }
     rows = []
     print(f"\n| default run | UNet rows | here, s | projected H100 s (at {ASSUMED_H100_TFLOPS:.0f} TFLOP/s) |")

@@ -1,23 +1,32 @@
 """Minimalist concept erasure: learned binary neuron masks (Zhang et al., ICML 2025), for SD 1.x.
 
-One learnable logit λ per unit; while training, masks are hard-concrete samples
-m = clamp(1.2 σ((λ + L)/τ) − 0.1, 0, 1) with seeded logistic noise L narrowed as in the reference; at the
-end a unit is kept when λ > 0, so the edit holds exact 0/1 masks. Units (`units`):
+One learnable logit λ per unit; while training, masks are hard-concrete samples with the reference's sampler:
+logistic noise L = ln(u + 0.5) − ln(1 − u + 0.5) (u uniform, so L lies in about ±1.1), s = σ((λ + L)/τ) with
+τ = 0.83, stretched to (γ, ζ) = (−0.1, 1.1) and clamped to [0, 1]. Unlike the reference, u is seeded and drawn
+once per optimiser step (see below). At the end a unit is kept when λ > 0, so the edit holds exact 0/1 masks.
+Units (`units`):
 
 - `v`: every output unit of the cross-attention value projections `attn2.to_v` (the value channels through
   which the text reaches the image), stored as output masks;
 - `ff`: every hidden neuron of the transformer blocks' feed-forward layers, i.e. every output unit of the
   GEGLU, stored as an input mask of `ff.net.2` (the linear the neuron feeds; identical for 0/1 masks).
 
-The reference's SD path hooks every Linear; we mask only these two, which carry the text condition and
-the concept-specific neurons the paper reports, and keep every other path intact.
+The reference's UNet path masks the outputs of every attention and feed-forward Linear; we mask only these
+two, which carry the text condition and the concept-specific neurons the paper reports, and keep every other
+path intact.
+
+Defaults follow the reference's UNet (SDXL) config where it has one: initial logit 3, 80 optimiser steps,
+4 samples averaged per step (concept and retain samples alternating), AdamW at lr 0.2. They differ in K
+(4 DDIM steps on SD-1's guided model, the reference runs 2 on SDXL-turbo) and β (1; the SDXL config's 0
+would let retain prompts give no gradient).
 
 Targets by anchor substitution: for each prompt template and target, the frozen model's final latent of a
 short K-step DDIM trajectory for the prompt with the target replaced by its anchor; retain prompts target
-their own frozen latent, weighted by β (β > 0: with β = 0, as in the reference's SDXL config, retain prompts
-give no gradient). The loss is on the final latent, back-propagated one denoising step at a time: the K
-latents are stored without grad, then each step is recomputed with grad from the last to the first, so
-memory stays at one UNet step; the same mask draw is used in the forward and in every recompute.
+their own frozen latent, weighted by β. The loss is on the final latent, back-propagated one denoising step at
+a time: the K latents are stored without grad, then each step is recomputed with grad from the last to the
+first, so memory stays at one UNet step. One mask draw serves a whole optimiser step (every sample, the
+forward and every recompute): the reference re-draws at every UNet call, so its recompute differentiates masks
+other than those its loss was computed with; one draw keeps the gradient that of the loss.
 """
 
 from __future__ import annotations
@@ -30,18 +39,23 @@ from erasure.engine.edit import Patch
 from erasure.engine.presets import KINDS, prompt_templates
 from erasure.engine.registry import Method, param, register, train_size_param
 
-TEMPERATURE = 2 / 3
-NOISE_EPS = 0.5  # u + 0.5 and 1.5 - u: logistic noise in about ±1.1 (the reference's masking_eps)
+# The reference's sampler constants. τ = 0.83 (not the L0 paper's 2/3) matters at its initial logit 3: with the
+# narrowed noise below, τ = 2/3 clamps every draw to 1 and no unit would ever get a gradient.
+TEMPERATURE = 0.83
+STRETCH = (-0.1, 1.1)  # (γ, ζ): s is stretched past [0, 1] so that the clamp gives exact 0s and 1s mass
+NOISE_EPS = 0.5  # u + 0.5 and 1 - u + 0.5: logistic noise in about ±1.1 (the reference's masking_eps)
 SEED_BASE = 10_000  # training noise seeds start here: never the app's or the tests' seeds 0, 1, 2, ...
 MODULES = {"v": ("attn2.to_v",), "ff": ("ff.net.2",), "ff+v": ("attn2.to_v", "ff.net.2")}
 
 
 @dataclass(frozen=True)
 class MinimalistParams:
-    iterations: int = param(60, "optimiser steps (one concept and one retain sample each)", min=1, max=5000)
+    iterations: int = param(80, "optimiser steps (the reference's UNet config: 80)", min=1, max=5000)
+    samples_per_step: int = param(4, "training samples averaged per optimiser step, concept and retain samples "
+                                     "alternating (the reference accumulates 4)", min=1, max=64)
     lr: float = param(0.2, "AdamW learning rate of the mask logits", min=0.0, max=100.0)
-    init: float = param(2.0, "initial logit λ of every unit (σ(2) = 0.88: every unit starts on)", min=-20.0,
-                        max=20.0)
+    init: float = param(3.0, "initial logit λ of every unit (the reference's 3: every unit starts on, and only "
+                             "draws of low noise get a gradient at first)", min=-20.0, max=20.0)
     beta: float = param(1.0, "β, weight of the retain reconstruction loss (> 0)", min=1e-6, max=1000.0)
     trajectory_steps: int = param(4, "K, DDIM steps of the short trajectory the loss is taken at", min=2, max=50)
     units: str = param("ff+v", "which units get masks: FF neurons, cross-attention value channels, or both",
@@ -88,13 +102,37 @@ def masked_overrides(job, masks: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return overrides
 
 
-def hard_concrete(logits: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+def uniform_draws(logits: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One u ~ U[0, 1) per unit, from the CPU generator (device-independent draws, so a seed gives one edit)."""
+    return {name: torch.rand(logit.shape, generator=generator).to(logit.device) for name, logit in logits.items()}
+
+
+def hard_concrete(logits: dict[str, torch.Tensor], u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hard-concrete masks for the uniform draws `u` (kept apart so that a test can feed both this and its own
+    transcription of the reference the same noise)."""
+    low, high = STRETCH
     out = {}
     for name, logit in logits.items():
-        u = torch.rand(logit.shape, generator=generator).to(logit.device)
-        noise = torch.log(u + NOISE_EPS) - torch.log(1 + NOISE_EPS - u)
-        out[name] = (1.2 * torch.sigmoid((logit + noise) / TEMPERATURE) - 0.1).clamp(0, 1)
+        noise = torch.log(u[name] + NOISE_EPS) - torch.log(1 - u[name] + NOISE_EPS)
+        out[name] = (torch.sigmoid((noise + logit) / TEMPERATURE) * (high - low) + low).clamp(0, 1)
     return out
+
+
+def step_batch(samples: Samples, step: int, params: MinimalistParams):
+    """The samples of optimiser step `step` and their loss weights (the mean over the step, retain β-weighted).
+    Concept and retain samples alternate as in the reference's interleaved data, so a step of 4 holds 2 of each;
+    without retain concepts every sample is a concept sample."""
+    concept = torch.nonzero(~samples.retain).flatten().tolist()
+    kept = torch.nonzero(samples.retain).flatten().tolist()
+    index, weights = [], []
+    for position in range(step * params.samples_per_step, (step + 1) * params.samples_per_step):
+        if kept and position % 2:
+            index.append(kept[(position // 2) % len(kept)])
+            weights.append(params.beta)
+        else:
+            index.append(concept[(position // 2 if kept else position) % len(concept)])
+            weights.append(1.0)
+    return index, [w / params.samples_per_step for w in weights]
 
 
 def trajectory(job, samples: Samples, index, overrides, steps: int, keep: bool = False):
@@ -147,19 +185,12 @@ def train_minimalist(job, concepts, params: MinimalistParams):
               for name in names}
     optimiser = torch.optim.AdamW(logits.values(), lr=params.lr)
     generator = torch.Generator().manual_seed(params.seed)
-    concept_index = torch.nonzero(~samples.retain).flatten()
-    retain_index = torch.nonzero(samples.retain).flatten()
     losses = []
     for step in range(params.iterations):
-        index = [int(concept_index[step % len(concept_index)])]
-        weights = [1.0]
-        if len(retain_index):
-            index.append(int(retain_index[step % len(retain_index)]))
-            weights.append(params.beta)
-        index = torch.tensor(index, device=job.device)
-        masks = hard_concrete(logits, generator)
-        loss = unrolled_step(job, samples, index, torch.tensor(weights, device=job.device), logits, masks,
-                             params.trajectory_steps)
+        index, weights = step_batch(samples, step, params)
+        masks = hard_concrete(logits, uniform_draws(logits, generator))
+        loss = unrolled_step(job, samples, torch.tensor(index, device=job.device),
+                             torch.tensor(weights, device=job.device), logits, masks, params.trajectory_steps)
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -168,7 +199,7 @@ def train_minimalist(job, concepts, params: MinimalistParams):
     ones = {name: torch.ones_like(mask) for name, mask in binary.items()}
     steps = params.trajectory_steps
     before, after = sample_losses(job, samples, ones, steps), sample_losses(job, samples, binary, steps)
-    retain_scale = (samples.goal[samples.retain] ** 2).flatten(1).mean(1) if len(retain_index) else None
+    retain_scale = (samples.goal[samples.retain] ** 2).flatten(1).mean(1) if bool(samples.retain.any()) else None
     units = sum(len(m) for m in binary.values())
     units_off = int(sum(int((m == 0).sum()) for m in binary.values()))
     stats = {"sparsity": units_off / units, "units": units, "units_off": units_off,
