@@ -126,8 +126,9 @@ def test_the_trained_bench_counts_each_runs_unet_passes_and_projects_from_their_
     out = capsys.readouterr().out
     assert "| frozen forward |" in out and "| masked forward+backward |" in out
     esd, minimalist = rows
-    assert esd["rows"] == {"frozen forward": 8 * 25 * 3, "ESD-x forward+backward": 200 * 4}
-    # Minimalist at the reference's defaults: 80 steps × 4 samples × K = 4 trajectory steps × 2 (guidance)
+    # the reference's defaults: ESD 200 fresh 50-step trajectories (49 rows on average, + 2 frozen ε) at batch 1;
+    # Minimalist 80 steps × 4 samples × K = 4 trajectory steps × 2 (guidance)
+    assert esd["rows"] == {"frozen forward": 200 * (49 + 2), "ESD-x forward+backward": 200 * 1}
     assert minimalist["rows"]["masked forward+backward"] == 80 * 4 * 4 * 2
     for row in rows:
         assert row["tflop"] > 0 and row["projected_h100_s"] == pytest.approx(row["tflop"] / ASSUMED_H100_TFLOPS)

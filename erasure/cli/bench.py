@@ -147,15 +147,18 @@ def run_train_bench(device: str | None = None, model: str = "sd14-random", size:
     esd, mini = ESDParams(), MinimalistParams()
     samples = (targets + retain) * mini.templates
     k = mini.trajectory_steps
+    per_step = mini.iterations * mini.samples_per_step * k * 2
     runs = {
         f"esd-x (defaults, {targets} target)": {
-            "frozen forward": targets * esd.trajectories * esd.sample_steps * 3,
+            # per iteration a fresh guided trajectory stopped after k ~ U{0..steps-1} steps (2 rows a step, (steps
+            # - 1) / 2 steps on average), then the frozen ε for the concept and the empty prompt at x_t
+            "frozen forward": esd.iterations * esd.batch * ((esd.sample_steps - 1) + 2),
             "ESD-x forward+backward": esd.iterations * esd.batch},
         f"minimalist (defaults, {targets} target + {retain} retain)": {
             # goal trajectories; per step K no-grad guided steps of each sample, then K recomputed with grad;
             # the final losses with all units on and with the binary masks
-            "frozen forward": samples * k * 2 + mini.iterations * mini.samples_per_step * k * 2 + 2 * samples * k * 2,
-            "masked forward+backward": mini.iterations * mini.samples_per_step * k * 2},
+            "frozen forward": samples * k * 2 + per_step + 2 * samples * k * 2,
+            "masked forward+backward": per_step},
     }
     rows = []
     print(f"\n| default run | UNet rows | here, s | projected H100 s (at {ASSUMED_H100_TFLOPS:.0f} TFLOP/s) |")
