@@ -86,7 +86,7 @@ class Studio(library.Studio):
     def describe_method(self, method: str):
         spec = erasure.get_method(method)
         return [f"{spec.summary}  \n*{spec.paper}*",
-                *[gr.update(visible=name == spec.name) for name in erasure.METHODS]]
+                *[gr.update(visible=name == spec.name) for name in sorted(erasure.METHODS)]]  # the groups' order
 
     def suggest_prompts(self, kind: str, targets: str, retain: str):
         prompts = suggest_prompts(kind, split_concepts(targets), split_concepts(retain))

@@ -555,6 +555,7 @@ def test_probes_run_in_the_background_with_a_row_per_edit_and_a_column_per_probe
     standard, noise = (Image.open(item["image"]).size[0] for item in gallery_items(sheets)[:2])
     assert noise - standard == 5 * 128  # 6 variant columns of 128 px instead of 1
     assert "**Judge**: CLIP tiny" in note and "N = 6" in note and "2 prompt(s) × 1 seed(s) (0); 3 steps" in note
+    assert note.startswith("**Protocol**: quick (for a CPU")  # a CPU server starts the tab on the quick protocol
 
     record = json.loads(Path(probe_file).read_text("utf-8"))
     assert record["model"] == "tiny" and record["settings"]["steps"] == 3
@@ -648,3 +649,12 @@ def test_a_probe_run_waits_while_another_session_trains(server, client, untouche
     assert trainer.predict(api_name="/cancel_training").startswith("Cancelling the training job")
     assert poll_until_finished(trainer)[2] == "**ESD-X: cat**: cancelled; nothing was kept."
     assert "done in" in poll_probes_until_finished(client)[0]
+
+
+def test_choosing_a_method_shows_exactly_its_parameter_group(server):
+    """The visibility updates follow the page's groups (sorted by name), not the registry's order: with esd-u
+    registered after esd-x the two orders differ, and choosing ESD-x showed another method's fields."""
+    studio, _ = server
+    for method in erasure.METHODS:
+        _, *updates = studio.describe_method(method)
+        assert [name for name, update in zip(sorted(erasure.METHODS), updates) if update["visible"]] == [method]
