@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+import torch
 
 from erasure.engine.pipeline import DEFAULT_MODEL, family_preset_params
 from erasure.engine.presets import load_preset
@@ -92,3 +95,16 @@ def settings_from_args(pipe, args):
     if args.size:
         overrides.update(height=args.size, width=args.size)
     return default_settings(pipe, **overrides)
+
+
+def process_state(requested_device: str | None):
+    """accelerate's view of this process (its rank among `accelerate launch`'s processes; one process otherwise)
+    and the device it runs on: the requested one when alone, else the one accelerate gives it. CPU processes
+    (`--device cpu`, no CUDA, ACCELERATE_USE_CPU) join a gloo group."""
+    from accelerate import PartialState  # heavy, and only for the commands that shard
+
+    cpu = (requested_device == "cpu" or not torch.cuda.is_available()
+           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    state = PartialState(cpu=cpu)
+    device = requested_device if state.num_processes == 1 and requested_device else str(state.device)
+    return state, "cpu" if device.startswith("cpu") else device

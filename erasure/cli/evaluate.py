@@ -5,17 +5,15 @@ rank 0 merges (through files, no collectives)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 import erasure
-from erasure.cli.arguments import concepts_and_params, settings_from_args
+from erasure.cli.arguments import concepts_and_params, process_state, settings_from_args
 from erasure.engine.edit import Edit
 from erasure.engine.pipeline import model_identity
 from erasure.engine.presets import concept_text, evaluation_prompts, load_preset, prompt_set_sizes, prompt_templates
@@ -27,12 +25,8 @@ from erasure.evaluation.probes import model_classifier
 
 
 def cmd_evaluate(args) -> None:
-    from accelerate import PartialState  # heavy, and only for this command
-
     started = time.time()
-    # cpu=True lets accelerate's launcher (`--multi_gpu` on a machine without CUDA) run gloo processes on CPU.
-    cpu = args.device == "cpu" or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu)
+    state, device = process_state(args.device)
     rank, world = state.process_index, state.num_processes
     out = Path(args.out)
     shards = out / ".shards"
@@ -43,8 +37,6 @@ def cmd_evaluate(args) -> None:
     seeds = list(range(args.seeds if args.seeds is not None else prompt_set_sizes(args.full)["seeds"]))
     if not seeds:
         raise ValueError("--seeds must be >= 1")
-    device = args.device if world == 1 and args.device else str(state.device)
-    device = "cpu" if device.startswith("cpu") else device
     clip_name = args.clip_model or profile_of(args.model).scorer or scoring.DEFAULT_CLIP[0]
     clip_tag = args.clip_pretrained or scoring.DEFAULT_CLIP[1]
     try:

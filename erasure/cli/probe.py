@@ -12,17 +12,15 @@ writes the same report one process would have.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 import erasure
-from erasure.cli.arguments import settings_from_args
+from erasure.cli.arguments import process_state, settings_from_args
 from erasure.engine.pipeline import pipeline_state
 from erasure.evaluation.probes import PROBES, Judge, ProbeImages, probe_sheet, run_probes
 from erasure.evaluation.probes.protocols import get_protocol
@@ -32,16 +30,11 @@ from erasure.studio.reports import default_probe_prompts, probe_result_lines
 
 
 def cmd_probe(args) -> None:
-    from accelerate import PartialState  # heavy, and only for this command
-
     names = list(PROBES) if "all" in args.probes else list(dict.fromkeys(args.probes))
     check_probe_names(names)
     rules = get_protocol(args.protocol)
-    cpu = (args.device == "cpu" or not torch.cuda.is_available()
-           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
-    state = PartialState(cpu=cpu)
+    state, device = process_state(args.device)
     rank, world = state.process_index, state.num_processes
-    device = args.device if world == 1 and args.device else ("cpu" if cpu else str(state.device))
     pipe = erasure.load_pipeline(args.model, device=device)
     edit = erasure.Edit.load(args.edit)
     erasure.check_applicable(pipe, edit)
